@@ -1,1 +1,6 @@
+//! skiff: the device agent and its command line.
+
+mod image;
+mod reconciler;
+
 fn main() {}

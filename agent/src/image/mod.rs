@@ -1,0 +1,1 @@
+//! Image store (owned by the image-store work).
