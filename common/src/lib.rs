@@ -8,6 +8,7 @@
 pub mod codec;
 pub mod desired;
 pub mod name;
+pub mod protocol;
 pub mod quantity;
 pub mod status;
 pub mod toml_file;

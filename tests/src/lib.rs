@@ -1,1 +1,5 @@
-//! test harness
+//! Harness for skiff's end-to-end tests: builds the real binary, runs real
+//! agents against real containers in throw-away directories and cgroups, and
+//! removes every container, cgroup, mount and process it made.
+
+pub mod agent;

@@ -13,6 +13,35 @@
 //! - `Action::Stop` is answered, possibly much later, by `Event::Exited`.
 //! - `Action::Probe` is answered by `Event::ProbeResult` (the daemon enforces the timeout).
 //! - `Action::Note` is information for logs and the controller; it asks for nothing.
+//! - Start-up: feed the desired state from disk and every `Adopted` /
+//!   `AdoptedExited` before the first `Tick`. Until that first `Tick` no
+//!   `Start` is sent (apps wait in phase `Starting`, and `next_deadline()` is
+//!   already due), so a desired app whose container is still running is adopted
+//!   rather than started twice. Either order of `Desired` and `Adopted` works.
+//!
+//! Decisions, in short (details in `state` and `probes`):
+//! - Restart policy on every exit; backoff `base * 2^n` capped at `max`, `n`
+//!   consecutive restarts, reset after a run of `reset_after`. A failed start is
+//!   always retried with the same backoff. A liveness or startup kill counts as a
+//!   failure whatever the exit code.
+//! - A changed spec stops the old container and starts the new one as soon as the
+//!   old one has exited, with fresh counters; a removed app is stopped, then forgotten.
+//! - Probes: one attempt per kind in flight, the next due `period` after the
+//!   previous result; startup gates liveness and readiness. `Note::ProbeFailed`
+//!   is sent for the first failure of a run of failures only (a run ends with a
+//!   success or a spec change, not with a restart), so a constantly failing app
+//!   does not flood the log or the controller.
+//! - Actions come out in app-name order.
+
+// used by the daemon
+#![allow(dead_code)]
+
+mod probes;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use state::Reconciler;
 
 use skiff_common::{AppName, AppSpec, DesiredState, ExitInfo};
 use std::time::Duration;

@@ -1,0 +1,381 @@
+//! The command line. Errors go to stderr with a non-zero exit code:
+//! 1 for runtime failures, 2 for usage errors, 3 for an invalid desired-state
+//! file or agent configuration (so systemd can stop restarting on it:
+//! `RestartPreventExitStatus=3`).
+
+use crate::api::{self, Request, Response};
+use crate::image::{self, ImageStore};
+use crate::paths::Paths;
+use crate::reconciler::BackoffConfig;
+use crate::runtime::logs;
+use crate::store::{Saved, StateStore};
+use clap::{Args, Parser, Subcommand};
+use skiff_common::quantity::{parse_bytes, parse_duration};
+use skiff_common::{toml_file, AppStatus, Health, Phase};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const EXIT_ERROR: i32 = 1;
+pub const EXIT_INVALID: i32 = 3;
+
+#[derive(Parser)]
+#[command(name = "skiff", version, about = "Container agent for ARM boards: runs OCI containers from a local desired state")]
+struct Cli {
+    #[command(flatten)]
+    paths: PathArgs,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct PathArgs {
+    /// Persistent state: desired state, images, volumes.
+    #[arg(long, global = true, env = "SKIFF_STATE_DIR", default_value = Paths::DEFAULT_STATE)]
+    state_dir: PathBuf,
+    /// Volatile runtime state (a tmpfs): containers, the API socket, logs.
+    #[arg(long, global = true, env = "SKIFF_RUN_DIR", default_value = Paths::DEFAULT_RUN)]
+    run_dir: PathBuf,
+    /// Where per-app logs go [default: <run-dir>/logs]; point it at flash to keep logs across reboots.
+    #[arg(long, global = true, env = "SKIFF_LOG_DIR")]
+    log_dir: Option<PathBuf>,
+    /// Parent cgroup of all apps (each app runs in /<cgroup-root>/<app>).
+    #[arg(long, global = true, env = "SKIFF_CGROUP_ROOT", default_value = "skiff")]
+    cgroup_root: String,
+}
+
+impl PathArgs {
+    fn paths(&self) -> Paths {
+        Paths::new(Some(self.state_dir.clone()), Some(self.run_dir.clone()), self.log_dir.clone(), Some(self.cgroup_root.clone()))
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent: keep the desired state running (the daemon).
+    Agent(AgentArgs),
+    /// Set the desired state from a file; the running agent applies it within a second.
+    Apply {
+        /// The desired-state file (TOML).
+        #[arg(short, long)]
+        file: PathBuf,
+    },
+    /// Check a desired-state file without applying it.
+    Validate {
+        #[arg(short, long)]
+        file: PathBuf,
+    },
+    /// Show every app: state, pid, restarts, last exit, health, image.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an app's output (stdout and stderr).
+    Logs {
+        app: String,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Manage the local image store.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Check that this host can run skiff, and say how to fix what is missing.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    #[command(hide = true)]
+    Shim { dir: PathBuf },
+    #[command(hide = true)]
+    ProbeExec {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        timeout_ms: u64,
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Import an OCI image layout (a directory or a tar); multi-arch picks this host's platform.
+    Load {
+        path: PathBuf,
+        /// Name it NAME[:TAG] instead of the tag recorded in the layout.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the images in the store.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image (its files go when no other tag uses them).
+    Rm { reference: String },
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Log bytes kept per app, current and rotated file together.
+    #[arg(long, default_value = "1Mi", value_parser = parse_bytes)]
+    log_max_size: u64,
+    /// Delay before the first restart of a crashed app; doubles each time.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    backoff_base: Duration,
+    /// Longest restart delay.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    backoff_max: Duration,
+    /// An app that ran this long restarts with the base delay again.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    backoff_reset: Duration,
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let paths = cli.paths.paths();
+    // These two run before any thread exists: they fork containers.
+    match cli.cmd {
+        Cmd::Shim { dir } => return crate::runtime::shim::main(&dir),
+        Cmd::ProbeExec { root, id, timeout_ms, args } => {
+            return crate::runtime::exec::main(&root, &id, Duration::from_millis(timeout_ms), args)
+        }
+        _ => {}
+    }
+    let result = match cli.cmd {
+        Cmd::Agent(a) => agent(paths, a),
+        Cmd::Apply { file } => apply(&paths, &file),
+        Cmd::Validate { file } => validate(&file).map(|_| println!("{}: ok", file.display())),
+        Cmd::Ps { json } => ps(&paths, json),
+        Cmd::Logs { app, tail, follow } => logs_cmd(&paths, &app, tail, follow),
+        Cmd::Image(c) => image_cmd(&paths, c),
+        Cmd::Doctor { json } => doctor(&paths, json),
+        Cmd::Shim { .. } | Cmd::ProbeExec { .. } => unreachable!("handled above"),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            if let Some(Invalid(msg)) = e.downcast_ref::<Invalid>() {
+                eprintln!("{msg}");
+                return EXIT_INVALID;
+            }
+            eprintln!("skiff: {e:#}");
+            EXIT_ERROR
+        }
+    }
+}
+
+/// An invalid input file: printed as is, exit code 3.
+#[derive(Debug)]
+struct Invalid(String);
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Invalid {}
+
+fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let checks = crate::doctor::run(&paths);
+    if let Some(msg) = crate::doctor::fatal(&checks) {
+        return Err(Invalid(format!("skiff agent cannot run on this host: {msg}")).into());
+    }
+    let cfg = crate::daemon::AgentConfig {
+        paths,
+        backoff: BackoffConfig { base: a.backoff_base, max: a.backoff_max, reset_after: a.backoff_reset },
+        log_cap: a.log_max_size,
+    };
+    rt()?.block_on(crate::daemon::run(cfg, shutdown_signal()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn validate(file: &Path) -> anyhow::Result<skiff_common::DesiredState> {
+    let text = std::fs::read_to_string(file).map_err(|e| Invalid(format!("{}: {e}", file.display())))?;
+    toml_file::parse(&text).map_err(|errs| {
+        let lines: Vec<String> = errs.iter().map(|e| format!("{}:{e}", file.display())).collect();
+        Invalid(lines.join("\n")).into()
+    })
+}
+
+fn apply(paths: &Paths, file: &Path) -> anyhow::Result<()> {
+    let state = validate(file)?;
+    let store = StateStore::new(&paths.state_dir);
+    let saved = store.save(state, None)?;
+    let generation = match saved {
+        Saved::Written(g) => {
+            println!("desired state generation {g} written to {}", store.path().display());
+            g
+        }
+        Saved::Unchanged(g) => {
+            println!("desired state unchanged (generation {g})");
+            g
+        }
+    };
+    // Tell a running agent at once; without one, the state waits on disk.
+    if paths.socket().exists() {
+        match rt()?.block_on(api::call(&paths.socket(), &Request::Reload)) {
+            Ok(Response::Reloaded { generation: g }) if g >= generation => println!("agent is applying generation {g}"),
+            Ok(Response::Reloaded { generation: g }) => println!("agent runs generation {g}; it will pick up {generation} shortly"),
+            Ok(Response::Error { message }) => eprintln!("warning: agent: {message}"),
+            Ok(_) => {}
+            Err(e) => eprintln!("warning: {e:#}; the agent applies the new state when it starts"),
+        }
+    } else {
+        println!("no agent running: it applies this state when it starts");
+    }
+    Ok(())
+}
+
+fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
+    let reply = match rt()?.block_on(api::call(&paths.socket(), &Request::Ps))? {
+        Response::Ps(p) => p,
+        Response::Error { message } => anyhow::bail!("agent: {message}"),
+        other => anyhow::bail!("unexpected answer: {other:?}"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    println!("generation {}", reply.generation);
+    println!("{:<20} {:<9} {:>8} {:>8}  {:<18} {:<8} {:<8} IMAGE", "APP", "STATE", "PID", "RESTARTS", "LAST EXIT", "LIVE", "READY");
+    for a in &reply.apps {
+        println!(
+            "{:<20} {:<9} {:>8} {:>8}  {:<18} {:<8} {:<8} {}{}",
+            a.name.as_str(),
+            phase(a),
+            a.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            a.restarts,
+            a.last_exit.map(|e| exit_text(&e)).unwrap_or_else(|| "-".into()),
+            health(a.live),
+            health(a.ready),
+            a.image,
+            a.error.as_ref().map(|e| format!("  error: {e}")).unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+fn phase(a: &AppStatus) -> &'static str {
+    match a.phase {
+        Phase::Starting => "starting",
+        Phase::Running => "running",
+        Phase::Stopping => "stopping",
+        Phase::Backoff => "backoff",
+        Phase::Exited => "exited",
+        Phase::Failed => "failed",
+    }
+}
+
+fn health(h: Health) -> &'static str {
+    match h {
+        Health::None => "-",
+        Health::Unknown => "unknown",
+        Health::Passing => "passing",
+        Health::Failing => "failing",
+    }
+}
+
+fn exit_text(e: &skiff_common::ExitInfo) -> String {
+    if e.oom_killed {
+        "oom-killed".into()
+    } else if let Some(s) = e.signal {
+        format!("signal {s}")
+    } else if let Some(c) = e.code {
+        format!("code {c}")
+    } else {
+        "lost".into()
+    }
+}
+
+fn logs_cmd(paths: &Paths, app: &str, tail: Option<usize>, follow: bool) -> anyhow::Result<()> {
+    let name = skiff_common::AppName::try_from(app).map_err(|e| Invalid(e.to_string()))?;
+    let dir = &paths.log_dir;
+    if !logs::current(dir, name.as_str()).exists() && !logs::rotated(dir, name.as_str()).exists() {
+        anyhow::bail!("no logs for app {name:?} in {}", dir.display());
+    }
+    let mut out = std::io::stdout().lock();
+    let mut follower = follow.then(|| logs::Follower::new(dir, name.as_str()));
+    out.write_all(&logs::tail(dir, name.as_str(), tail)?)?;
+    out.flush()?;
+    if let Some(f) = follower.as_mut() {
+        loop {
+            let new = f.poll()?;
+            if new.is_empty() {
+                std::thread::sleep(Duration::from_millis(200));
+            } else {
+                out.write_all(&new)?;
+                out.flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn image_cmd(paths: &Paths, c: ImageCmd) -> anyhow::Result<()> {
+    let store = ImageStore::open(&paths.images())?;
+    match c {
+        ImageCmd::Load { path, name, json } => image::cli_load(&store, &path, name.as_deref(), json),
+        ImageCmd::Ls { json } => image::cli_ls(&store, json),
+        ImageCmd::Rm { reference } => {
+            let r = skiff_common::ImageRef::try_from(reference.as_str()).map_err(|e| Invalid(e.to_string()))?;
+            store.remove(&r)?;
+            println!("removed {r}");
+            Ok(())
+        }
+    }
+}
+
+fn doctor(paths: &Paths, json: bool) -> anyhow::Result<()> {
+    let checks = crate::doctor::run(paths);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            let mark = match c.level {
+                crate::doctor::Level::Ok => "ok  ",
+                crate::doctor::Level::Warn => "warn",
+                crate::doctor::Level::Fail => "FAIL",
+            };
+            println!("{mark}  {:<18} {}", c.name, c.detail);
+            if let Some(f) = &c.fix {
+                println!("      fix: {f}");
+            }
+        }
+    }
+    if crate::doctor::fatal(&checks).is_some() {
+        anyhow::bail!("this host cannot run skiff yet (see above)");
+    }
+    Ok(())
+}

@@ -1,0 +1,464 @@
+//! `ImageStore`: the on-disk layout described in `image/mod.rs`, and the rules for
+//! names. Mutations (`load`, `remove`) hold the store's flock and end by collecting
+//! whatever no reference needs; reads take no lock.
+
+use super::oci::{self, Config, Descriptor, Manifest, Platform};
+use super::source::Source;
+use super::unpack::{self, remove};
+use super::{ImageConfig, ImageError, ImageInfo, ResolvedImage};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use skiff_common::ImageRef;
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+const REFS: &str = "refs.json";
+const REFS_VERSION: u32 = 1;
+const REFS_LIMIT: u64 = 4 << 20;
+
+pub struct ImageStore {
+    dir: PathBuf,
+    platform: Platform,
+}
+
+/// refs.json. Every key parses as an `ImageRef`; every value is a key of `images`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Refs {
+    version: u32,
+    refs: BTreeMap<String, String>,
+    images: BTreeMap<String, ImageMeta>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageMeta {
+    platform: String,
+    size: u64,
+}
+
+impl ImageStore {
+    /// Opens (creating if needed) the store rooted at `dir`.
+    pub fn open(dir: &Path) -> Result<ImageStore, ImageError> {
+        for d in [dir.to_path_buf(), dir.join("blobs/sha256"), dir.join("rootfs"), dir.join("tmp")] {
+            fs::create_dir_all(&d).map_err(|e| ImageError::io(&d, e))?;
+        }
+        Ok(ImageStore { dir: dir.to_path_buf(), platform: Platform::host() })
+    }
+
+    /// A store that picks `platform` instead of the host's (tests of foreign images).
+    #[cfg(test)]
+    pub fn with_platform(mut self, platform: Platform) -> ImageStore {
+        self.platform = platform;
+        self
+    }
+
+    /// Imports every image of the layout at `path` (a directory or a tar). Names come from
+    /// each entry's annotations (`io.containerd.image.name`, or `ref.name` as a tag of the
+    /// layout's file name: `busybox/` + `1` is `busybox:1`), or from `name` when given
+    /// (then the layout must hold one image). An image with no name is kept as
+    /// `<file name>@<digest>`. On error nothing new stays in the store.
+    pub fn load(&self, path: &Path, name: Option<&ImageRef>) -> Result<Vec<ImageInfo>, ImageError> {
+        let _lock = self.lock()?;
+        self.collect(&self.read_refs()?)?; // leftovers of a crash
+        let loaded = self.load_locked(path, name);
+        if loaded.is_err() {
+            if let Err(err) = self.read_refs().and_then(|refs| self.collect(&refs)) {
+                tracing::warn!(%err, "cleaning up after a failed image load");
+            }
+        }
+        loaded
+    }
+
+    pub fn list(&self) -> Result<Vec<ImageInfo>, ImageError> {
+        let refs = self.read_refs()?;
+        refs.refs.iter().map(|(r, d)| info(&refs, r, d)).collect()
+    }
+
+    /// By tag, or by digest (`name@sha256:...`: the content is what counts, so any image
+    /// in the store with that manifest digest answers, whatever it was loaded as).
+    pub fn resolve(&self, r: &ImageRef) -> Result<ResolvedImage, ImageError> {
+        let refs = self.read_refs()?;
+        let digest = match r.digest() {
+            Some(d) => refs.images.get_key_value(d).map(|(k, _)| k),
+            None => refs.refs.get(&key(r)),
+        }
+        .ok_or_else(|| ImageError::NotFound(r.to_string()))?;
+        let rootfs = self.rootfs_path(digest)?;
+        if !rootfs.is_dir() {
+            return Err(ImageError::Corrupt { path: rootfs, reason: format!("rootfs of {digest} is missing") });
+        }
+        let manifest: Manifest = self.read_blob(&self.stored_desc(digest)?)?;
+        let config: Config = self.read_blob(&manifest.config)?;
+        let c = config.config.unwrap_or_default();
+        let nonempty = |s: Option<String>| s.filter(|s| !s.is_empty());
+        Ok(ResolvedImage {
+            digest: digest.clone(),
+            rootfs,
+            config: ImageConfig {
+                env: c.env.unwrap_or_default(),
+                entrypoint: c.entrypoint.unwrap_or_default(),
+                cmd: c.cmd.unwrap_or_default(),
+                workdir: nonempty(c.working_dir),
+                user: nonempty(c.user),
+            },
+        })
+    }
+
+    /// Drops a tag (or, for `name@digest`, every reference of `name` to that digest), then
+    /// deletes the rootfs and blobs no remaining reference needs.
+    pub fn remove(&self, r: &ImageRef) -> Result<(), ImageError> {
+        let _lock = self.lock()?;
+        let old = self.read_refs()?;
+        let mut refs = old.clone();
+        match r.digest() {
+            Some(d) => refs.refs.retain(|k, v| !(v == d && ref_name(k) == r.name())),
+            None => {
+                refs.refs.remove(&key(r));
+            }
+        }
+        if refs == old {
+            return Err(ImageError::NotFound(r.to_string()));
+        }
+        let used: HashSet<String> = refs.refs.values().cloned().collect();
+        refs.images.retain(|d, _| used.contains(d));
+        self.write_refs(&refs, &old)?;
+        self.collect(&refs)
+    }
+
+    fn load_locked(&self, path: &Path, name: Option<&ImageRef>) -> Result<Vec<ImageInfo>, ImageError> {
+        let src = Source::open(path)?;
+        let index = src.index()?;
+        let layout_err = |reason: String| ImageError::Layout { path: path.to_path_buf(), reason };
+        if index.manifests.is_empty() {
+            return Err(layout_err("index.json lists no images".into()));
+        }
+        if let Some(n) = name {
+            if n.digest().is_some() {
+                return Err(ImageError::Name(format!("{n}: a name to load as cannot pin a digest")));
+            }
+            if index.manifests.len() > 1 {
+                return Err(layout_err(format!("{} images, so a single name is ambiguous", index.manifests.len())));
+            }
+        }
+        let old = self.read_refs()?;
+        let mut refs = old.clone();
+        let mut loaded = Vec::new();
+        for top in &index.manifests {
+            let reference = match name {
+                Some(n) => Some(key(n)),
+                None => annotated_ref(top, path)?,
+            };
+            let mdesc = self.pick(&src, top, 0)?;
+            // Already stored: nothing to read or write. (import is idempotent too, but
+            // would walk the rootfs again to size it.)
+            let stored = refs.images.get(&mdesc.digest).filter(|_| self.rootfs_path(&mdesc.digest).is_ok_and(|p| p.is_dir()));
+            let meta = match stored {
+                Some(meta) => meta.clone(),
+                None => self.import(&src, &mdesc)?,
+            };
+            let digest = mdesc.digest.clone();
+            refs.images.insert(digest.clone(), meta);
+            let reference = match reference {
+                Some(r) => r,
+                None => format!("{}@{digest}", file_stem_name(path)?),
+            };
+            set_ref(&mut refs, &reference, &digest);
+            loaded.push(info(&refs, &reference, &digest)?);
+        }
+        self.write_refs(&refs, &old)?;
+        for i in &loaded {
+            tracing::info!(image = %i.reference, digest = %i.digest, platform = %i.platform, "image loaded");
+        }
+        Ok(loaded)
+    }
+
+    /// Follows indexes down to the one manifest for this store's platform.
+    fn pick(&self, src: &Source, desc: &Descriptor, depth: u32) -> Result<Descriptor, ImageError> {
+        if oci::is_manifest(&desc.media_type) {
+            return Ok(desc.clone());
+        }
+        if !oci::is_index(&desc.media_type) || depth > 2 {
+            return Err(ImageError::Unsupported(format!("{} of type {:?}", desc.digest, desc.media_type)));
+        }
+        let index: oci::Index = oci::read_json(src.blob(desc)?, desc)?;
+        index.check(Some(&desc.media_type), &desc.digest)?;
+        let runs = |d: &&Descriptor| d.platform.as_ref().is_some_and(|p| self.platform.runs(p));
+        // An exact variant beats a bare architecture.
+        let exact = index.manifests.iter().filter(runs).find(|d| d.platform.as_ref() == Some(&self.platform));
+        match exact.or_else(|| index.manifests.iter().find(runs)) {
+            Some(d) => self.pick(src, d, depth + 1),
+            None => Err(ImageError::NoPlatform {
+                want: self.platform.to_string(),
+                found: index
+                    .manifests
+                    .iter()
+                    .map(|d| d.platform.as_ref().map_or("unknown".into(), |p| p.to_string()))
+                    .collect(),
+            }),
+        }
+    }
+
+    /// Stores the manifest's blobs and unpacks its rootfs (unless already there).
+    fn import(&self, src: &Source, mdesc: &Descriptor) -> Result<ImageMeta, ImageError> {
+        self.fetch(src, mdesc)?;
+        let manifest: Manifest = self.read_blob(mdesc)?;
+        manifest.check(&mdesc.media_type, &mdesc.digest)?;
+        self.fetch(src, &manifest.config)?;
+        let config: Config = self.read_blob(&manifest.config)?;
+        let platform = Platform { architecture: config.architecture, os: config.os, variant: config.variant };
+        if !self.platform.runs(&platform) {
+            return Err(ImageError::NoPlatform { want: self.platform.to_string(), found: vec![platform.to_string()] });
+        }
+        if config.rootfs.kind != "layers" || config.rootfs.diff_ids.len() != manifest.layers.len() {
+            return Err(ImageError::Unsupported(format!(
+                "config {}: rootfs must be \"layers\" with one diff_id per layer",
+                manifest.config.digest
+            )));
+        }
+        for layer in &manifest.layers {
+            self.fetch(src, layer)?;
+        }
+        let rootfs = self.rootfs_path(&mdesc.digest)?;
+        if !rootfs.is_dir() {
+            self.unpack(&manifest, &config.rootfs.diff_ids, &rootfs)?;
+        }
+        Ok(ImageMeta { platform: platform.to_string(), size: unpack::tree_size(&rootfs)? })
+    }
+
+    /// Builds the rootfs in tmp/, syncs it, and renames it into place: it exists only whole.
+    fn unpack(&self, manifest: &Manifest, diff_ids: &[String], rootfs: &Path) -> Result<(), ImageError> {
+        let tmp = self.dir.join("tmp").join(format!("rootfs-{}", file_name(rootfs)));
+        remove(&tmp)?;
+        fs::create_dir(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
+        fs::set_permissions(&tmp, Permissions::from_mode(0o755)).map_err(|e| ImageError::io(&tmp, e))?;
+        let built = manifest.layers.iter().zip(diff_ids).try_for_each(|(layer, diff_id)| {
+            unpack::apply_layer(&tmp, &self.blob_path(layer)?, layer, diff_id)
+        });
+        if let Err(e) = built {
+            remove(&tmp)?;
+            return Err(e);
+        }
+        let f = File::open(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
+        nix::unistd::syncfs(f.as_raw_fd()).map_err(|e| ImageError::io(&tmp, e.into()))?;
+        fs::rename(&tmp, rootfs).map_err(|e| ImageError::io(rootfs, e))?;
+        sync_dir(&self.dir.join("rootfs"))
+    }
+
+    /// Copies a blob from the layout into blobs/, verified on the way; a blob already
+    /// there with the right size is kept (it was verified when written, and is verified
+    /// again whenever it is read).
+    fn fetch(&self, src: &Source, desc: &Descriptor) -> Result<(), ImageError> {
+        let dst = self.blob_path(desc)?;
+        if fs::metadata(&dst).is_ok_and(|m| m.is_file() && m.len() == desc.size) {
+            return Ok(());
+        }
+        let tmp = self.dir.join("tmp").join(format!("blob-{}", desc.hex()?));
+        let copied = (|| {
+            let mut r = oci::Verifying::new(src.blob(desc)?.take(desc.size + 1));
+            let mut f = File::create(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
+            io::copy(&mut r, &mut f).map_err(|e| ImageError::Blob { digest: desc.digest.clone(), source: e })?;
+            r.finish(&desc.digest, Some(desc.size))?;
+            f.sync_all().map_err(|e| ImageError::io(&tmp, e))
+        })();
+        if let Err(e) = copied {
+            remove(&tmp)?;
+            return Err(e);
+        }
+        fs::rename(&tmp, &dst).map_err(|e| ImageError::io(&dst, e))?;
+        sync_dir(dst.parent().unwrap_or(&self.dir))
+    }
+
+    fn rootfs_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        Ok(self.dir.join("rootfs").join(oci::digest_hex(digest)?))
+    }
+
+    fn blob_path(&self, desc: &Descriptor) -> Result<PathBuf, ImageError> {
+        Ok(self.dir.join("blobs/sha256").join(desc.hex()?))
+    }
+
+    fn read_blob<T: serde::de::DeserializeOwned>(&self, desc: &Descriptor) -> Result<T, ImageError> {
+        let p = self.blob_path(desc)?;
+        oci::read_json(File::open(&p).map_err(|e| ImageError::io(&p, e))?, desc)
+    }
+
+    /// A descriptor for a stored manifest: its size is the file's, its digest is checked.
+    fn stored_desc(&self, digest: &str) -> Result<Descriptor, ImageError> {
+        let p = self.dir.join("blobs/sha256").join(oci::digest_hex(digest)?);
+        let size = fs::metadata(&p).map_err(|e| ImageError::io(&p, e))?.len();
+        Ok(Descriptor {
+            media_type: String::new(),
+            digest: digest.to_string(),
+            size,
+            platform: None,
+            annotations: BTreeMap::new(),
+        })
+    }
+
+    /// Deletes tmp/, and every rootfs and blob that no image in `refs` needs. A rootfs is
+    /// first renamed into tmp/, so a half-deleted one never looks complete.
+    fn collect(&self, refs: &Refs) -> Result<(), ImageError> {
+        let tmp = self.dir.join("tmp");
+        for e in read_dir(&tmp)? {
+            remove(&e)?;
+        }
+        let images: HashSet<&str> = refs.images.keys().filter_map(|d| oci::digest_hex(d).ok()).collect();
+        for e in read_dir(&self.dir.join("rootfs"))? {
+            let name = file_name(&e);
+            if !images.contains(name.as_str()) {
+                let doomed = tmp.join(format!("gc-{name}"));
+                fs::rename(&e, &doomed).map_err(|err| ImageError::io(&e, err))?;
+                remove(&doomed)?;
+            }
+        }
+        let mut keep: HashSet<String> = HashSet::new();
+        for d in refs.images.keys() {
+            let m: Manifest = match self.stored_desc(d).and_then(|desc| self.read_blob(&desc)) {
+                Ok(m) => m,
+                Err(err) => {
+                    // Without the manifest the blobs it needs are unknown: keep them all.
+                    tracing::warn!(digest = %d, %err, "unreadable manifest, keeping all blobs");
+                    return Ok(());
+                }
+            };
+            keep.insert(d.clone());
+            keep.insert(m.config.digest);
+            keep.extend(m.layers.into_iter().map(|l| l.digest));
+        }
+        for e in read_dir(&self.dir.join("blobs/sha256"))? {
+            if !keep.contains(&format!("sha256:{}", file_name(&e))) {
+                remove(&e)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_refs(&self) -> Result<Refs, ImageError> {
+        let p = self.dir.join(REFS);
+        let f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(Refs { version: REFS_VERSION, refs: BTreeMap::new(), images: BTreeMap::new() })
+            }
+            Err(e) => return Err(ImageError::io(&p, e)),
+        };
+        let mut buf = Vec::new();
+        f.take(REFS_LIMIT + 1).read_to_end(&mut buf).map_err(|e| ImageError::io(&p, e))?;
+        let corrupt = |reason: String| ImageError::Corrupt { path: p.clone(), reason };
+        if buf.len() as u64 > REFS_LIMIT {
+            return Err(corrupt(format!("over {REFS_LIMIT} bytes")));
+        }
+        let refs: Refs = serde_json::from_slice(&buf).map_err(|e| corrupt(e.to_string()))?;
+        if refs.version != REFS_VERSION {
+            return Err(corrupt(format!("version {} (this build reads {REFS_VERSION})", refs.version)));
+        }
+        Ok(refs)
+    }
+
+    /// Atomic replace, and only when something changed (flash is precious).
+    fn write_refs(&self, refs: &Refs, old: &Refs) -> Result<(), ImageError> {
+        if refs == old {
+            return Ok(());
+        }
+        let p = self.dir.join(REFS);
+        let tmp = self.dir.join("tmp").join(REFS);
+        let mut bytes = serde_json::to_vec_pretty(refs).map_err(|e| ImageError::Json { what: REFS.into(), source: e })?;
+        bytes.push(b'\n');
+        let mut f = File::create(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
+        f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(|e| ImageError::io(&tmp, e))?;
+        fs::rename(&tmp, &p).map_err(|e| ImageError::io(&p, e))?;
+        sync_dir(&self.dir)
+    }
+
+    fn lock(&self) -> Result<Flock<File>, ImageError> {
+        let p = self.dir.join("lock");
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p);
+        let f = f.map_err(|e| ImageError::io(&p, e))?;
+        Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| ImageError::io(&p, e.into()))
+    }
+}
+
+/// The refs.json key for a reference: `name:tag`, or `name@digest` when it pins one.
+fn key(r: &ImageRef) -> String {
+    match (r.digest(), r.tag()) {
+        (Some(d), _) => format!("{}@{d}", r.name()),
+        (None, t) => format!("{}:{}", r.name(), t.unwrap_or("latest")),
+    }
+}
+
+fn ref_name(key: &str) -> String {
+    ImageRef::try_from(key).map(|r| r.name().to_string()).unwrap_or_default()
+}
+
+/// Points `reference` at `digest`. An image a moved tag leaves without any name stays
+/// reachable as `name@digest` (a running container may still use it; `remove` frees it),
+/// and a `name@digest` entry made redundant by the new tag goes.
+fn set_ref(refs: &mut Refs, reference: &str, digest: &str) {
+    let name = ref_name(reference);
+    if let Some(prev) = refs.refs.insert(reference.to_string(), digest.to_string()) {
+        if prev != digest && !refs.refs.values().any(|d| *d == prev) {
+            refs.refs.insert(format!("{name}@{prev}"), prev);
+        }
+    }
+    if !reference.contains('@') {
+        refs.refs.remove(&format!("{name}@{digest}"));
+    }
+}
+
+/// The name a layout entry's annotations give, if any (see `ImageStore::load`).
+fn annotated_ref(desc: &Descriptor, layout: &Path) -> Result<Option<String>, ImageError> {
+    let full = match (desc.annotations.get(oci::ANN_CONTAINERD_NAME), desc.annotations.get(oci::ANN_REF_NAME)) {
+        (Some(full), _) => full.clone(),
+        (None, Some(r)) if r.contains([':', '/', '@']) => r.clone(),
+        (None, Some(tag)) => format!("{}:{tag}", file_stem_name(layout)?),
+        (None, None) => return Ok(None),
+    };
+    let r = ImageRef::try_from(full.as_str()).map_err(|e| ImageError::Name(e.to_string()))?;
+    if r.digest().is_some() {
+        return Err(ImageError::Name(format!("{full}: annotation pins a digest")));
+    }
+    Ok(Some(key(&r)))
+}
+
+/// `.../busybox.tar` or `.../busybox/` -> `busybox`, if that is a valid image name.
+fn file_stem_name(layout: &Path) -> Result<String, ImageError> {
+    let stem = layout.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let stem = stem.strip_suffix(".tar").unwrap_or(stem);
+    match ImageRef::try_from(stem) {
+        Ok(r) if r.name() == stem => Ok(stem.to_string()),
+        _ => Err(ImageError::Name(format!(
+            "cannot name images after {}: give a name to load them as",
+            layout.display()
+        ))),
+    }
+}
+
+fn info(refs: &Refs, reference: &str, digest: &str) -> Result<ImageInfo, ImageError> {
+    let meta = refs.images.get(digest).ok_or_else(|| ImageError::Corrupt {
+        path: PathBuf::from(REFS),
+        reason: format!("{reference} points at unknown image {digest}"),
+    })?;
+    Ok(ImageInfo {
+        reference: reference.to_string(),
+        digest: digest.to_string(),
+        size: meta.size,
+        platform: meta.platform.clone(),
+    })
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    let entries = fs::read_dir(dir).map_err(|e| ImageError::io(dir, e))?;
+    entries.map(|e| e.map(|e| e.path()).map_err(|e| ImageError::io(dir, e))).collect()
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ImageError> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| ImageError::io(dir, e))
+}

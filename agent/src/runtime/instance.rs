@@ -1,0 +1,95 @@
+//! The files of one container instance under `<run>/apps/<app>/<instance>/`
+//! (tmpfs). They are the hand-over between the agent, the shim, and the next
+//! agent after a restart:
+//!
+//! ```text
+//! shim.json     written by the agent before it spawns the shim: what to run
+//! started.json  written by the shim once the container runs: pids, start time
+//! exit.json     written by the shim when the container has exited and is deleted
+//! shim.log      the shim's own messages
+//! rootfs/       the container's root (overlay mount or copy), removed on exit
+//! bundle/       config.json for libcontainer
+//! ```
+//! Every file is written atomically, so a reader sees all of it or none.
+
+use crate::fsutil::atomic_write;
+use crate::image::ImageConfig;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use skiff_common::{AppSpec, ExitInfo};
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ShimConfig {
+    pub spec: AppSpec,
+    pub instance: u64,
+    pub container_id: String,
+    pub container_root: PathBuf,
+    pub cgroup_path: String,
+    pub image_digest: String,
+    pub image_rootfs: PathBuf,
+    pub image_config: ImageConfig,
+    pub log_dir: PathBuf,
+    pub log_cap: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    pub init_pid: i32,
+    pub shim_pid: i32,
+    /// Start time of the shim process in clock ticks since boot (/proc/<pid>/stat
+    /// field 22): tells a live shim from a recycled pid.
+    pub shim_start_ticks: u64,
+    /// CLOCK_BOOTTIME when the container started, in milliseconds.
+    pub started_boot_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub exit: ExitInfo,
+    pub exited_boot_ms: u64,
+}
+
+pub const CONFIG: &str = "shim.json";
+pub const STARTED: &str = "started.json";
+pub const EXIT: &str = "exit.json";
+pub const SHIM_LOG: &str = "shim.log";
+
+pub fn write<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    atomic_write(&dir.join(name), &bytes)
+}
+
+/// `Ok(None)` when the file does not exist.
+pub fn read<T: DeserializeOwned>(dir: &Path, name: &str) -> io::Result<Option<T>> {
+    match std::fs::read(dir.join(name)) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", dir.join(name).display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Milliseconds of CLOCK_BOOTTIME: monotonic, counts suspend, survives no reboot.
+pub fn boot_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+/// Start time of a process (clock ticks since boot), `None` if it is gone or
+/// a zombie (an orphaned shim waits for a PID 1 that may reap it late).
+pub fn process_start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields after its ')' are plain.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    if matches!(fields.next(), Some("Z") | Some("X")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// Whether the shim recorded in `s` is still the same live process.
+pub fn shim_alive(s: &Started) -> bool {
+    process_start_ticks(s.shim_pid) == Some(s.shim_start_ticks)
+}

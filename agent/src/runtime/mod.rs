@@ -1,0 +1,260 @@
+//! The runtime boundary: what the daemon calls to run containers.
+//!
+//! Containers are created by the shim (`shim.rs`), a single-threaded process
+//! per container, never by the tokio process. This side prepares the shim's
+//! input, spawns it, waits for its handshake, watches for the exit it records,
+//! and stops containers (signals only; libcontainer's kill does not fork).
+//! Spec building (`spec.rs`) is pure.
+
+pub mod cgroups;
+pub mod exec;
+pub mod instance;
+pub mod logs;
+pub mod shim;
+pub mod spec;
+
+use crate::image::ImageStore;
+use crate::paths::Paths;
+use instance::{Exit, ShimConfig, Started};
+use libcontainer::container::Container;
+use libcontainer::signal::Signal as LcSignal;
+use skiff_common::{AppName, AppSpec, ExitInfo};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("image {image}: {source}")]
+    Image { image: String, source: crate::image::ImageError },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Start(String),
+    #[error("the shim gave no answer within {0:?}")]
+    Handshake(Duration),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
+    move |source| RuntimeError::Io { path: path.to_path_buf(), source }
+}
+
+/// A container found at start-up, left by a previous agent.
+#[derive(Debug)]
+pub struct Found {
+    pub app: AppName,
+    pub instance: u64,
+    pub spec: AppSpec,
+    pub image_digest: String,
+    pub state: FoundState,
+}
+
+#[derive(Debug)]
+pub enum FoundState {
+    /// Still running under its shim.
+    Running(Started),
+    /// Exited while no agent was watching.
+    Exited(ExitInfo),
+    /// The shim is gone without recording an exit (killed): the container may
+    /// linger. It is killed and counted as failed.
+    Lost,
+}
+
+pub struct Runtime {
+    pub paths: Paths,
+    images: Arc<ImageStore>,
+    exe: PathBuf,
+    pub log_cap: u64,
+}
+
+/// How long a shim may take to create and start a container.
+const HANDSHAKE: Duration = Duration::from_secs(60);
+
+impl Runtime {
+    pub fn new(paths: Paths, images: Arc<ImageStore>, log_cap: u64) -> std::io::Result<Runtime> {
+        let exe = std::env::current_exe()?;
+        Ok(Runtime { paths, images, exe, log_cap })
+    }
+
+    /// Creates and starts a container; returns its `Started` record, the image
+    /// digest, and the shim child (to be awaited by `wait_exit`).
+    pub async fn start(&self, spec: &AppSpec, instance: u64) -> Result<(Started, String, Child), RuntimeError> {
+        let resolved = self
+            .images
+            .resolve(&spec.image)
+            .map_err(|source| RuntimeError::Image { image: spec.image.to_string(), source })?;
+        let dir = self.paths.instance(&spec.name, instance);
+        if dir.exists() {
+            // A leftover of an instance with the same number (agent state lost):
+            // it has no running container, or scan() would have adopted it.
+            let _ = crate::image::unmount_rootfs(&dir.join("rootfs"));
+            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        for m in &spec.mounts {
+            // Volumes are created on first use, like Docker's named volumes.
+            if !Path::new(&m.source).exists() && m.source.starts_with(self.paths.state_dir.to_string_lossy().as_ref()) {
+                std::fs::create_dir_all(&m.source).map_err(io_err(Path::new(&m.source)))?;
+            }
+        }
+        let container_id = Paths::container_id(&spec.name, instance);
+        let stale = self.paths.containers().join(&container_id);
+        if stale.exists() {
+            force_delete(&stale).await;
+        }
+        let cfg = ShimConfig {
+            spec: spec.clone(),
+            instance,
+            container_id,
+            container_root: self.paths.containers(),
+            cgroup_path: self.paths.cgroup(&spec.name),
+            image_digest: resolved.digest.clone(),
+            image_rootfs: resolved.rootfs.clone(),
+            image_config: resolved.config.clone(),
+            log_dir: self.paths.log_dir.clone(),
+            log_cap: self.log_cap,
+        };
+        instance::write(&dir, instance::CONFIG, &cfg).map_err(io_err(&dir))?;
+        let log_path = dir.join(instance::SHIM_LOG);
+        let log = std::fs::File::create(&log_path).map_err(io_err(&log_path))?;
+        let mut child = Command::new(&self.exe)
+            .arg("shim")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            // Its own process group: a Ctrl-C meant for the agent must not reach it.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(io_err(&self.exe))?;
+        let stdout = child.stdout.take().ok_or_else(|| RuntimeError::Start("shim has no stdout".into()))?;
+        let mut line = String::new();
+        let read = tokio::time::timeout(HANDSHAKE, BufReader::new(stdout).read_line(&mut line)).await;
+        match read {
+            Ok(Ok(_)) if line.starts_with("ok ") => {}
+            Ok(_) => {
+                let _ = child.wait().await;
+                let msg = line.trim().strip_prefix("err ").unwrap_or("the shim exited without an answer");
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(RuntimeError::Start(msg.to_string()));
+            }
+            Err(_) => {
+                let _ = child.kill().await;
+                return Err(RuntimeError::Handshake(HANDSHAKE));
+            }
+        }
+        let started: Started = instance::read(&dir, instance::STARTED)
+            .map_err(io_err(&dir))?
+            .ok_or_else(|| RuntimeError::Start("the shim reported success but wrote no started.json".into()))?;
+        Ok((started, resolved.digest, child))
+    }
+
+    /// Waits until the instance has exited and returns how. `child` is the shim
+    /// when this agent spawned it; adopted shims are polled.
+    pub async fn wait_exit(&self, app: &AppName, instance: u64, child: Option<Child>, started: Started) -> ExitInfo {
+        let dir = self.paths.instance(app, instance);
+        if let Some(mut child) = child {
+            let _ = child.wait().await;
+        } else {
+            while instance::shim_alive(&started) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        match instance::read::<Exit>(&dir, instance::EXIT) {
+            Ok(Some(e)) => e.exit,
+            _ => {
+                // The shim died without recording the exit: make sure nothing is left.
+                tracing::warn!(app = %app, instance, "shim ended without recording an exit; killing what remains");
+                force_delete(&self.paths.containers().join(Paths::container_id(app, instance))).await;
+                let _ = crate::image::unmount_rootfs(&dir.join("rootfs"));
+                ExitInfo { code: None, signal: None, oom_killed: false }
+            }
+        }
+    }
+
+    /// Sends SIGTERM to the container's init; after `grace`, SIGKILL to every
+    /// process in it. Returns once the signals are sent; the exit is seen by `wait_exit`.
+    pub async fn stop(&self, app: &AppName, instance: u64, grace: Duration) {
+        let root = self.paths.containers().join(Paths::container_id(app, instance));
+        let dir = self.paths.instance(app, instance);
+        signal(&root, LcSignal::try_from("SIGTERM").ok(), false).await;
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline {
+            if dir.join(instance::EXIT).exists() || !root.exists() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(app = %app, instance, ?grace, "did not stop within its grace period: SIGKILL");
+        signal(&root, LcSignal::try_from("SIGKILL").ok(), true).await;
+    }
+
+    /// Removes an instance's runtime files once its exit has been handled.
+    pub fn forget(&self, app: &AppName, instance: u64) {
+        let dir = self.paths.instance(app, instance);
+        let _ = crate::image::unmount_rootfs(&dir.join("rootfs"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Everything a previous agent left under the run dir.
+    pub fn scan(&self) -> Vec<Found> {
+        let mut out = Vec::new();
+        let Ok(apps) = std::fs::read_dir(self.paths.apps()) else { return out };
+        for app_dir in apps.flatten() {
+            let Ok(app) = AppName::try_from(app_dir.file_name().to_string_lossy().as_ref()) else { continue };
+            let Ok(instances) = std::fs::read_dir(app_dir.path()) else { continue };
+            for inst in instances.flatten() {
+                let dir = inst.path();
+                let Ok(instance) = inst.file_name().to_string_lossy().parse::<u64>() else { continue };
+                let cfg: Option<ShimConfig> = instance::read(&dir, instance::CONFIG).ok().flatten();
+                let Some(cfg) = cfg else {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    continue;
+                };
+                let exit: Option<Exit> = instance::read(&dir, instance::EXIT).ok().flatten();
+                let started: Option<Started> = instance::read(&dir, instance::STARTED).ok().flatten();
+                let state = match (exit, started) {
+                    (Some(e), _) => FoundState::Exited(e.exit),
+                    (None, Some(s)) if instance::shim_alive(&s) => FoundState::Running(s),
+                    _ => FoundState::Lost,
+                };
+                out.push(Found { app: app.clone(), instance, spec: cfg.spec, image_digest: cfg.image_digest, state });
+            }
+        }
+        out.sort_by(|a, b| (&a.app, a.instance).cmp(&(&b.app, b.instance)));
+        out
+    }
+
+    /// Kills and deletes what a lost shim left behind.
+    pub async fn reap_lost(&self, app: &AppName, instance: u64) {
+        force_delete(&self.paths.containers().join(Paths::container_id(app, instance))).await;
+    }
+}
+
+async fn signal(root: &Path, sig: Option<LcSignal>, all: bool) {
+    let Some(sig) = sig else { return };
+    let root = root.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Ok(mut c) = Container::load(root) {
+            // Fails harmlessly when the container has just exited.
+            let _ = c.kill(sig, all);
+        }
+    })
+    .await;
+}
+
+/// SIGKILLs every process of a container and deletes its state and cgroup.
+async fn force_delete(root: &Path) {
+    let root = root.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Ok(mut c) = Container::load(root.clone()) {
+            let _ = c.delete(true);
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    })
+    .await;
+}

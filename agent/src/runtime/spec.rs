@@ -1,0 +1,317 @@
+//! Builds the OCI runtime spec (`config.json`) for an app. Pure: every fact
+//! about the host (cgroup version, device numbers, which host files exist) is
+//! passed in, so the whole policy is testable without a container.
+//!
+//! Policy: Docker-like default capabilities, masked and read-only /proc paths,
+//! no new privileges, a deny-all device cgroup rule followed by the devices the
+//! app lists, its own pid/ipc/uts/mount namespaces (plus network for
+//! `network = "none"`, and cgroup on cgroup v2). On cgroup v1 neither a cgroup
+//! namespace nor a /sys/fs/cgroup mount is set up: libcontainer 0.7 fails to
+//! prepare the rootfs on boards with `cpu,cpuacct` co-mounted otherwise.
+
+use crate::image::ImageConfig;
+use serde_json::{json, Value};
+use skiff_common::{AppSpec, NetworkMode};
+
+/// cgroup layout of the host, as far as the spec cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+/// A host device node, as `stat` found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostDevice {
+    pub path: String,
+    /// 'c' or 'b'.
+    pub kind: char,
+    pub major: i64,
+    pub minor: i64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Everything the spec needs that is not in the app's own spec.
+pub struct SpecInputs<'a> {
+    pub app: &'a AppSpec,
+    pub image: &'a ImageConfig,
+    /// Absolute path of the prepared root filesystem.
+    pub rootfs: &'a str,
+    /// Absolute cgroup path, e.g. `/skiff/web`.
+    pub cgroup_path: &'a str,
+    pub cgroups: CgroupVersion,
+    /// The app's devices, resolved on the host, in the app's order.
+    pub devices: &'a [HostDevice],
+    /// Host files bound read-only into host-network containers (resolv.conf, hosts).
+    pub host_files: &'a [(String, String)],
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("the image has no entrypoint or command and the app sets no `command`")]
+    NoCommand,
+    #[error("image user {0:?} is not numeric (uid[:gid]); set a numeric USER in the image")]
+    User(String),
+}
+
+const CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+const MASKED: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+const READONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// The CFS period used for CPU quotas (the kernel default, 100 ms).
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+fn parse_user(user: Option<&str>) -> Result<(u32, u32), SpecError> {
+    let user = match user {
+        None | Some("") | Some("root") | Some("0") => return Ok((0, 0)),
+        Some(u) => u,
+    };
+    let bad = || SpecError::User(user.to_string());
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let uid: u32 = u.parse().map_err(|_| bad())?;
+    let gid: u32 = match g {
+        Some(g) => g.parse().map_err(|_| bad())?,
+        None => uid,
+    };
+    Ok((uid, gid))
+}
+
+/// The process arguments: the app's `command`, else the image's entrypoint + cmd.
+pub fn args(app: &AppSpec, image: &ImageConfig) -> Result<Vec<String>, SpecError> {
+    let args = match &app.command {
+        Some(c) => c.clone(),
+        None => image.entrypoint.iter().chain(image.cmd.iter()).cloned().collect(),
+    };
+    if args.is_empty() {
+        return Err(SpecError::NoCommand);
+    }
+    Ok(args)
+}
+
+/// The environment: the image's, then the app's (overriding by name).
+pub fn env(app: &AppSpec, image: &ImageConfig) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut set = |kv: String| {
+        let key = kv.split('=').next().unwrap_or("").to_string();
+        out.retain(|e| e.split('=').next() != Some(key.as_str()));
+        out.push(kv);
+    };
+    for e in &image.env {
+        set(e.clone());
+    }
+    for (k, v) in &app.env {
+        set(format!("{k}={v}"));
+    }
+    if !out.iter().any(|e| e.starts_with("PATH=")) {
+        out.insert(0, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    out
+}
+
+pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
+    let app = i.app;
+    let (uid, gid) = parse_user(i.image.user.as_deref())?;
+    let cwd = app.workdir.clone().or_else(|| i.image.workdir.clone()).filter(|w| !w.is_empty());
+
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    ];
+    if i.cgroups == CgroupVersion::V2 {
+        mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
+    }
+    if app.network == NetworkMode::Host {
+        for (src, dst) in i.host_files {
+            mounts.push(json!({"destination": dst, "type": "bind", "source": src, "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}));
+        }
+    }
+    for m in &app.mounts {
+        let mut options = vec!["rbind", "rprivate"];
+        if m.readonly {
+            options.push("ro");
+        }
+        mounts.push(json!({"destination": m.target, "type": "bind", "source": m.source, "options": options}));
+    }
+
+    let mut namespaces = vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
+    if app.network == NetworkMode::None {
+        namespaces.push(json!({"type": "network"}));
+    }
+    if i.cgroups == CgroupVersion::V2 {
+        namespaces.push(json!({"type": "cgroup"}));
+    }
+
+    // The deny-all rule must come first: without it v1 starts from `a *:* rwm`.
+    let mut device_rules = vec![json!({"allow": false, "access": "rwm"})];
+    let mut device_nodes = Vec::new();
+    for d in i.devices {
+        device_rules.push(json!({"allow": true, "type": d.kind.to_string(), "major": d.major, "minor": d.minor, "access": "rwm"}));
+        device_nodes.push(json!({"path": d.path, "type": d.kind.to_string(), "major": d.major, "minor": d.minor, "fileMode": d.mode & 0o7777, "uid": d.uid, "gid": d.gid}));
+    }
+
+    let mut resources = json!({"devices": device_rules});
+    if let Some(b) = app.resources.memory_bytes {
+        resources["memory"] = json!({"limit": b});
+    }
+    if let Some(m) = app.resources.cpu_millis {
+        resources["cpu"] = json!({"quota": u64::from(m) * CPU_PERIOD_US / 1000, "period": CPU_PERIOD_US});
+    }
+    if let Some(p) = app.resources.pids {
+        resources["pids"] = json!({"limit": p});
+    }
+
+    let caps = CAPS;
+    Ok(json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": uid, "gid": gid},
+            "args": args(app, i.image)?,
+            "env": env(app, i.image),
+            "cwd": cwd.unwrap_or_else(|| "/".into()),
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": i.rootfs, "readonly": false},
+        "hostname": app.name.as_str(),
+        "mounts": mounts,
+        "linux": {
+            "cgroupsPath": i.cgroup_path,
+            "resources": resources,
+            "namespaces": namespaces,
+            "devices": device_nodes,
+            "maskedPaths": MASKED,
+            "readonlyPaths": READONLY
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skiff_common::toml_file;
+
+    fn app(extra: &str) -> AppSpec {
+        let text = format!("[[app]]\nname = \"web\"\nimage = \"busybox:1\"\n{extra}");
+        toml_file::parse(&text).unwrap().apps.remove(0)
+    }
+
+    fn image() -> ImageConfig {
+        ImageConfig {
+            env: vec!["PATH=/bin".into(), "MODE=dev".into()],
+            entrypoint: vec![],
+            cmd: vec!["sh".into()],
+            workdir: None,
+            user: None,
+        }
+    }
+
+    fn build_for(app: &AppSpec, cg: CgroupVersion, devices: &[HostDevice]) -> Value {
+        build(&SpecInputs {
+            app,
+            image: &image(),
+            rootfs: "/run/skiff/apps/web/1/rootfs",
+            cgroup_path: "/skiff/web",
+            cgroups: cg,
+            devices,
+            host_files: &[("/etc/resolv.conf".into(), "/etc/resolv.conf".into())],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn limits_devices_and_namespaces() {
+        let a = app("command = [\"httpd\", \"-f\"]\nenv = { MODE = \"prod\" }\ndevices = [\"/dev/ttyUSB0\"]\n[app.resources]\ncpus = 0.5\nmemory = \"32Mi\"\npids = 64\n");
+        let dev = HostDevice { path: "/dev/ttyUSB0".into(), kind: 'c', major: 188, minor: 0, mode: 0o20660, uid: 0, gid: 20 };
+        let s = build_for(&a, CgroupVersion::V1, std::slice::from_ref(&dev));
+        let r = &s["linux"]["resources"];
+        assert_eq!(r["memory"]["limit"], 32 << 20);
+        assert_eq!(r["cpu"]["quota"], 50_000);
+        assert_eq!(r["cpu"]["period"], 100_000);
+        assert_eq!(r["pids"]["limit"], 64);
+        assert_eq!(r["devices"][0], json!({"allow": false, "access": "rwm"}));
+        assert_eq!(r["devices"][1]["major"], 188);
+        assert_eq!(s["linux"]["devices"][0]["fileMode"], 0o660);
+        assert_eq!(s["linux"]["cgroupsPath"], "/skiff/web");
+        assert_eq!(s["process"]["args"], json!(["httpd", "-f"]));
+        assert_eq!(s["process"]["env"], json!(["PATH=/bin", "MODE=prod"]));
+        assert_eq!(s["process"]["noNewPrivileges"], true);
+        let ns: Vec<&str> = s["linux"]["namespaces"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
+        assert_eq!(ns, ["pid", "ipc", "uts", "mount"], "host network, no cgroup ns on v1");
+        let dests: Vec<&str> = s["mounts"].as_array().unwrap().iter().map(|m| m["destination"].as_str().unwrap()).collect();
+        assert!(!dests.contains(&"/sys/fs/cgroup"), "no cgroup mount on v1");
+        assert!(dests.contains(&"/etc/resolv.conf"), "host network gets resolv.conf");
+    }
+
+    #[test]
+    fn v2_and_private_network() {
+        let a = app("network = \"none\"\n");
+        let s = build_for(&a, CgroupVersion::V2, &[]);
+        let ns: Vec<&str> = s["linux"]["namespaces"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
+        assert_eq!(ns, ["pid", "ipc", "uts", "mount", "network", "cgroup"]);
+        let dests: Vec<&str> = s["mounts"].as_array().unwrap().iter().map(|m| m["destination"].as_str().unwrap()).collect();
+        assert!(dests.contains(&"/sys/fs/cgroup"));
+        assert!(!dests.contains(&"/etc/resolv.conf"));
+        assert_eq!(s["process"]["args"], json!(["sh"]), "image cmd when no command");
+        assert!(s["linux"]["resources"].get("memory").is_none());
+    }
+
+    #[test]
+    fn mounts_and_users() {
+        let a = app("mounts = [{ source = \"/srv\", target = \"/data\", readonly = true }]\n");
+        let s = build_for(&a, CgroupVersion::V1, &[]);
+        let m = s["mounts"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(m, json!({"destination": "/data", "type": "bind", "source": "/srv", "options": ["rbind", "rprivate", "ro"]}));
+        assert_eq!(parse_user(Some("1000:100")), Ok((1000, 100)));
+        assert_eq!(parse_user(Some("65534")), Ok((65534, 65534)));
+        assert!(parse_user(Some("nobody")).is_err());
+        let mut img = image();
+        img.cmd.clear();
+        assert_eq!(args(&app(""), &img), Err(SpecError::NoCommand));
+    }
+}
