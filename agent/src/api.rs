@@ -31,6 +31,17 @@ pub struct PsReply {
     /// Generation of the desired state being applied.
     pub generation: u64,
     pub apps: Vec<AppStatus>,
+    /// What each running app uses, read from its cgroup when asked.
+    pub usage: Vec<Usage>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct Usage {
+    pub name: String,
+    /// CPU time used since the container started, in seconds.
+    pub cpu_seconds: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
 }
 
 /// Largest request or response line accepted.

@@ -269,13 +269,19 @@ fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("generation {}", reply.generation);
-    println!("{:<20} {:<9} {:>8} {:>8}  {:<18} {:<8} {:<8} IMAGE", "APP", "STATE", "PID", "RESTARTS", "LAST EXIT", "LIVE", "READY");
+    println!(
+        "{:<20} {:<9} {:>8} {:>8} {:>9} {:>8}  {:<12} {:<8} {:<8} IMAGE",
+        "APP", "STATE", "PID", "MEM", "CPU", "RESTARTS", "LAST EXIT", "LIVE", "READY"
+    );
     for a in &reply.apps {
+        let u = reply.usage.iter().find(|u| u.name == a.name.as_str());
         println!(
-            "{:<20} {:<9} {:>8} {:>8}  {:<18} {:<8} {:<8} {}{}",
+            "{:<20} {:<9} {:>8} {:>8} {:>9} {:>8}  {:<12} {:<8} {:<8} {}{}",
             a.name.as_str(),
             phase(a),
             a.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            u.and_then(|u| u.memory_bytes).map(|b| format!("{:.1}M", b as f64 / (1 << 20) as f64)).unwrap_or_else(|| "-".into()),
+            u.and_then(|u| u.cpu_seconds).map(|s| format!("{s:.2}s")).unwrap_or_else(|| "-".into()),
             a.restarts,
             a.last_exit.map(|e| exit_text(&e)).unwrap_or_else(|| "-".into()),
             health(a.live),
@@ -350,6 +356,18 @@ fn image_cmd(paths: &Paths, c: ImageCmd) -> anyhow::Result<()> {
         ImageCmd::Ls { json } => image::cli_ls(&store, json),
         ImageCmd::Rm { reference } => {
             let r = skiff_common::ImageRef::try_from(reference.as_str()).map_err(|e| Invalid(e.to_string()))?;
+            let digest = store.resolve(&r)?.digest;
+            // Removing an image a container runs from would pull its root away.
+            let desired = StateStore::new(&paths.state_dir).load()?.state;
+            let users: Vec<String> = desired
+                .apps
+                .iter()
+                .filter(|a| store.resolve(&a.image).map(|i| i.digest == digest).unwrap_or(false))
+                .map(|a| a.name.to_string())
+                .collect();
+            if !users.is_empty() {
+                anyhow::bail!("{r} is used by app(s) {}: apply a desired state without them first", users.join(", "));
+            }
             store.remove(&r)?;
             println!("removed {r}");
             Ok(())

@@ -34,7 +34,7 @@ pub struct AgentConfig {
 }
 
 enum Input {
-    Event(Event),
+    Event(Box<Event>),
     /// Re-read the desired-state file; answer with the generation now applied.
     Reload(Option<tokio::sync::oneshot::Sender<Result<u64, String>>>),
     /// The image digest a freshly started container runs.
@@ -61,7 +61,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
     let view = Arc::new(Mutex::new(View::default()));
     let listener = bind_socket(&paths)?;
-    tokio::spawn(serve_api(listener, tx.clone(), view.clone()));
+    let usage = Usage { cgroups: crate::runtime::cgroups::Cgroups::detect(), paths: paths.clone() };
+    tokio::spawn(serve_api(listener, tx.clone(), view.clone(), Arc::new(usage)));
     tokio::spawn(watch_state_file(store.path(), tx.clone()));
 
     let mut rec = Reconciler::new(cfg.backoff);
@@ -108,12 +109,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         let input = tokio::select! {
             _ = &mut shutdown => break,
             i = rx.recv() => i,
-            _ = sleep_until(deadline) => Some(Input::Event(Event::Tick)),
+            _ = sleep_until(deadline) => Some(Input::Event(Box::new(Event::Tick))),
         };
         let Some(input) = input else { break };
         let now = Instant::now();
         let actions = match input {
             Input::Event(ev) => {
+                let ev = *ev;
                 let exited = match &ev {
                     Event::Exited { app, instance, .. } => Some((app.clone(), *instance)),
                     _ => None,
@@ -191,7 +193,7 @@ struct Executor {
 
 impl Executor {
     fn send(tx: &mpsc::UnboundedSender<Input>, ev: Event) {
-        let _ = tx.send(Input::Event(ev));
+        let _ = tx.send(Input::Event(Box::new(ev)));
     }
 
     fn carry_out(&mut self, actions: Vec<Action>) {
@@ -268,19 +270,48 @@ fn bind_socket(paths: &Paths) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-async fn serve_api(listener: UnixListener, tx: mpsc::UnboundedSender<Input>, view: Arc<Mutex<View>>) {
+/// Reads what running apps use from their cgroups, for `ps`.
+struct Usage {
+    cgroups: Option<crate::runtime::cgroups::Cgroups>,
+    paths: Paths,
+}
+
+impl Usage {
+    fn of(&self, apps: &[AppStatus]) -> Vec<api::Usage> {
+        let Some(cg) = &self.cgroups else { return Vec::new() };
+        apps.iter()
+            .filter(|a| a.pid.is_some())
+            .map(|a| {
+                let path = self.paths.cgroup(&a.name);
+                api::Usage {
+                    name: a.name.to_string(),
+                    cpu_seconds: cg.cpu_usage_ns(&path).map(|ns| ns as f64 / 1e9),
+                    memory_bytes: cg.memory_bytes(&path),
+                    pids: cg.pids(&path),
+                }
+            })
+            .collect()
+    }
+}
+
+async fn serve_api(listener: UnixListener, tx: mpsc::UnboundedSender<Input>, view: Arc<Mutex<View>>, usage: Arc<Usage>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let tx = tx.clone();
         let view = view.clone();
+        let usage = usage.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut r = BufReader::new(r);
             let reply = match api::read_request(&mut r).await {
                 Err(message) => Response::Error { message },
                 Ok(Request::Ps) => {
-                    let v = view.lock().unwrap_or_else(|p| p.into_inner());
-                    Response::Ps(PsReply { generation: v.generation, apps: v.apps.clone() })
+                    let (generation, apps) = {
+                        let v = view.lock().unwrap_or_else(|p| p.into_inner());
+                        (v.generation, v.apps.clone())
+                    };
+                    let usage = usage.of(&apps);
+                    Response::Ps(PsReply { generation, apps, usage })
                 }
                 Ok(Request::Reload) => {
                     let (otx, orx) = tokio::sync::oneshot::channel();

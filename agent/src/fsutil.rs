@@ -24,14 +24,6 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
-/// Writes only when the content differs (flash is precious). Returns whether it wrote.
-pub fn write_if_changed(path: &Path, bytes: &[u8]) -> io::Result<bool> {
-    match fs::read(path) {
-        Ok(old) if old == bytes => Ok(false),
-        _ => atomic_write(path, bytes).map(|_| true),
-    }
-}
-
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -41,13 +33,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn replaces_and_skips_unchanged() {
+    fn replaces_without_leaving_temp_files() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("f");
         atomic_write(&p, b"one").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"one");
-        assert!(!write_if_changed(&p, b"one").unwrap());
-        assert!(write_if_changed(&p, b"two").unwrap());
+        atomic_write(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "no temp file left");
     }

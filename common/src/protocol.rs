@@ -468,8 +468,9 @@ pub struct Event {
     pub session: u64,
     /// Grows by one per event within a session.
     pub seq: u64,
-    /// Events lost just before this one (the offline ring overflowed; the
-    /// oldest go first). `seq - dropped_before - 1` is the previous event sent.
+    /// Events dropped just before this one (the offline ring overflowed; the
+    /// oldest go first). `seq - dropped_before - 1` is the previous event kept.
+    /// Counted on the safe side: an event whose PUBACK was lost counts too.
     pub dropped_before: u64,
     pub kind: EventKind,
     pub app: Option<AppName>,

@@ -381,7 +381,8 @@ fn validate_probe(cx: &mut Ctx, p: &Spanned<RawProbe>, label: &str, network: Net
         cx.err(span, label.to_string(), "http and tcp probes cannot reach an app with network = \"none\"; use exec");
     }
     let period = cx.duration(&raw.period, format!("{label}.period"), Probe::DEFAULT_PERIOD);
-    let timeout = cx.duration(&raw.timeout, format!("{label}.timeout"), Probe::DEFAULT_TIMEOUT);
+    // Unset, the timeout is 1s or the period when that is shorter.
+    let timeout = cx.duration(&raw.timeout, format!("{label}.timeout"), Probe::DEFAULT_TIMEOUT.min(period));
     let initial_delay = cx.duration(&raw.initial_delay, format!("{label}.initial_delay"), Duration::ZERO);
     if period < Duration::from_millis(100) {
         let span = raw.period.as_ref().map(|s| s.span()).unwrap_or(p.span());
@@ -493,6 +494,9 @@ exec = ["cat", "/tmp/ok"]
         let e = one_error("[[app]]\nname = \"a\"\nimage = \"b\"\n[app.liveness]\ntcp = { port = 80 }\nexec = [\"true\"]\n");
         assert!(e.message.contains("exactly one"), "{e}");
 
+        let e = one_error("[[app]]\nname = \"a\"\nimage = \"b\"\n[app.liveness]\ntcp = { port = 80 }\nperiod = \"1s\"\ntimeout = \"2s\"\n");
+        assert_eq!((e.line, e.field.as_str()), (7, "app \"a\": liveness.timeout"));
+
         let e = one_error("[[app]]\nname = \"a\"\nimage = \"b\"\nrestart = \"sometimes\"\n");
         assert_eq!((e.line, e.column), (4, 11));
 
@@ -504,6 +508,12 @@ exec = ["cat", "/tmp/ok"]
 
         let e = one_error("[[app]]\nname = \"a\"\nimage = \"b\"\nmounts = [{ source = \"rel\", target = \"/d\" }]\n");
         assert_eq!(e.field, "app \"a\": mounts[0].source");
+    }
+
+    #[test]
+    fn short_period_shortens_the_default_timeout() {
+        let s = parse("[[app]]\nname = \"a\"\nimage = \"b\"\n[app.liveness]\ntcp = { port = 80 }\nperiod = \"300ms\"\n").unwrap();
+        assert_eq!(s.apps[0].liveness.as_ref().unwrap().timeout, Duration::from_millis(300));
     }
 
     #[test]

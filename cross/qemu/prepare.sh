@@ -117,8 +117,9 @@ if [ -f "$CACHE/resolved.$lists_key" ]; then
     read -r kpkg kver bpkg bver <"$CACHE/resolved.$lists_key"
 else
     kernel=$(kernel_pkg)
-    resolved="$(resolve "$kernel") $(resolve busybox-static:arm64)"
-    read -r kpkg kver bpkg bver <<<"$resolved"
+    k=$(resolve "$kernel")
+    b=$(resolve busybox-static:arm64)
+    read -r kpkg kver bpkg bver <<<"$k $b"
     rm -f "$CACHE"/resolved.*
     echo "$kpkg $kver $bpkg $bver" >"$CACHE/resolved.$lists_key"
 fi
@@ -189,7 +190,7 @@ base="$CACHE/base-$key.cpio.gz"
 if [ ! -f "$base" ]; then
     log "building base initramfs $base"
     r="$work/root"
-    mkdir -p "$r/bin" "$r/lib/modules" "$r/proc" "$r/sys" "$r/dev" "$r/etc" "$r/skiff"
+    mkdir -p "$r/bin" "$r/sbin" "$r/usr/bin" "$r/usr/sbin" "$r/lib/modules" "$r/proc" "$r/sys" "$r/dev" "$r/etc" "$r/skiff"
     cp "$bdir/busybox" "$r/bin/busybox"
     cp "$HERE/init.sh" "$r/init"
     chmod 0755 "$r/init" "$r/bin/busybox"
@@ -208,6 +209,9 @@ if [ ! -f "$base" ]; then
     mknod -m 0600 "$r/dev/console" c 5 1
     (cd "$r" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$work/base.cpio"
     gzip -9n <"$work/base.cpio" >"$work/base.cpio.gz"
+    # run.sh appends the run's own uncompressed cpio; the kernel takes an archive that
+    # follows a compressed one only at a 4-byte aligned offset (zero bytes are skipped).
+    truncate -s %512 "$work/base.cpio.gz"
     rm -f "$CACHE"/base-*.cpio.gz
     mv "$work/base.cpio.gz" "$base"
 fi

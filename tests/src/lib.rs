@@ -3,3 +3,4 @@
 //! removes every container, cgroup, mount and process it made.
 
 pub mod agent;
+pub mod mqtt;

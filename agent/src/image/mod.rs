@@ -22,9 +22,9 @@ mod mount;
 mod oci;
 mod source;
 mod store;
-mod unpack;
 #[cfg(test)]
 mod tests;
+mod unpack;
 
 #[allow(unused_imports)] // wired by the CLI
 pub use cli::{cli_load, cli_ls};
@@ -73,7 +73,10 @@ pub enum ImageError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{what}: bad JSON: {source}")]
-    Json { what: String, source: serde_json::Error },
+    Json {
+        what: String,
+        source: serde_json::Error,
+    },
     #[error("{path}: not a usable OCI image layout: {reason}")]
     Layout { path: PathBuf, reason: String },
     #[error("unsupported: {0}")]
@@ -89,7 +92,11 @@ pub enum ImageError {
     #[error("no image for {want} (found: {})", found.join(", "))]
     NoPlatform { want: String, found: Vec<String> },
     #[error("layer {layer}: refusing entry {path:?}: {reason}")]
-    UnsafeEntry { layer: String, path: PathBuf, reason: String },
+    UnsafeEntry {
+        layer: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("image {0} is not in the store")]
     NotFound(String),
     #[error("image name: {0}")]
@@ -102,6 +109,9 @@ pub enum ImageError {
 
 impl ImageError {
     fn io(path: impl AsRef<Path>, source: io::Error) -> Self {
-        ImageError::Io { path: path.as_ref().to_path_buf(), source }
+        ImageError::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
     }
 }

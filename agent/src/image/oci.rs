@@ -98,13 +98,23 @@ pub struct RootFs {
 
 impl Index {
     pub fn check(&self, desc_type: Option<&str>, what: &str) -> Result<(), ImageError> {
-        check_header(self.schema_version, self.media_type.as_deref(), desc_type, what)
+        check_header(
+            self.schema_version,
+            self.media_type.as_deref(),
+            desc_type,
+            what,
+        )
     }
 }
 
 impl Manifest {
     pub fn check(&self, desc_type: &str, what: &str) -> Result<(), ImageError> {
-        check_header(self.schema_version, self.media_type.as_deref(), Some(desc_type), what)?;
+        check_header(
+            self.schema_version,
+            self.media_type.as_deref(),
+            Some(desc_type),
+            what,
+        )?;
         if !CONFIG_TYPES.contains(&self.config.media_type.as_str()) {
             return Err(ImageError::Unsupported(format!(
                 "config media type {:?} in {what}",
@@ -127,7 +137,9 @@ fn check_header(
     what: &str,
 ) -> Result<(), ImageError> {
     if version != 2 {
-        return Err(ImageError::Unsupported(format!("schemaVersion {version} in {what}")));
+        return Err(ImageError::Unsupported(format!(
+            "schemaVersion {version} in {what}"
+        )));
     }
     if let (Some(own), Some(desc)) = (own, desc) {
         if own != desc {
@@ -153,7 +165,9 @@ pub fn layer_compression(media_type: &str) -> Result<Compression, ImageError> {
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
         | "application/vnd.docker.image.rootfs.diff.tar.gzip"
         | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Ok(Compression::Gzip),
-        other => Err(ImageError::Unsupported(format!("layer media type {other:?}"))),
+        other => Err(ImageError::Unsupported(format!(
+            "layer media type {other:?}"
+        ))),
     }
 }
 
@@ -170,7 +184,11 @@ pub fn digest_hex(digest: &str) -> Result<&str, ImageError> {
     let hex = digest
         .strip_prefix("sha256:")
         .ok_or_else(|| ImageError::Unsupported(format!("digest {digest:?} (only sha256)")))?;
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(ImageError::BadDigest(digest.to_string()));
     }
     Ok(hex)
@@ -206,7 +224,16 @@ impl Platform {
     pub fn runs(&self, other: &Platform) -> bool {
         self.os == other.os
             && self.architecture == other.architecture
-            && (other.variant.is_none() || other.variant == self.variant)
+            && self.variant_or_baseline() == other.variant_or_baseline()
+    }
+
+    fn variant_or_baseline(&self) -> Option<&str> {
+        match (self.variant.as_deref(), self.architecture.as_str()) {
+            (Some(v), _) => Some(v),
+            (None, "arm64") => Some("v8"),
+            (None, "arm") => Some("v7"),
+            (None, _) => None,
+        }
     }
 }
 
@@ -230,13 +257,20 @@ pub struct Verifying<R> {
 
 impl<R: Read> Verifying<R> {
     pub fn new(inner: R) -> Self {
-        Verifying { inner, hasher: Sha256::new(), read: 0 }
+        Verifying {
+            inner,
+            hasher: Sha256::new(),
+            read: 0,
+        }
     }
 
     /// Reads to the end (trailing bytes count too), then compares with `digest`, and
     /// with `size` when one is given.
     pub fn finish(mut self, digest: &str, size: Option<u64>) -> Result<(), ImageError> {
-        let io_err = |e| ImageError::Blob { digest: digest.to_string(), source: e };
+        let io_err = |e| ImageError::Blob {
+            digest: digest.to_string(),
+            source: e,
+        };
         io::copy(&mut self, &mut io::sink()).map_err(io_err)?;
         if let Some(size) = size {
             if self.read != size {
@@ -279,11 +313,15 @@ pub fn read_json<T: serde::de::DeserializeOwned>(
     }
     let mut v = Verifying::new(r.take(desc.size + 1));
     let mut buf = Vec::with_capacity(desc.size as usize);
-    v.read_to_end(&mut buf)
-        .map_err(|e| ImageError::Blob { digest: desc.digest.clone(), source: e })?;
+    v.read_to_end(&mut buf).map_err(|e| ImageError::Blob {
+        digest: desc.digest.clone(),
+        source: e,
+    })?;
     v.finish(&desc.digest, Some(desc.size))?;
-    serde_json::from_slice(&buf)
-        .map_err(|e| ImageError::Json { what: desc.digest.clone(), source: e })
+    serde_json::from_slice(&buf).map_err(|e| ImageError::Json {
+        what: desc.digest.clone(),
+        source: e,
+    })
 }
 
 #[cfg(test)]
@@ -303,6 +341,7 @@ mod tests {
         let arm64 = p("arm64", Some("v8"));
         assert!(arm64.runs(&p("arm64", None)));
         assert!(arm64.runs(&p("arm64", Some("v8"))));
+        assert!(p("arm64", None).runs(&arm64));
         assert!(!arm64.runs(&p("arm", Some("v7"))));
         let arm = p("arm", Some("v7"));
         assert!(arm.runs(&p("arm", None)));
@@ -315,7 +354,12 @@ mod tests {
     fn digests_are_strict() {
         let ok = format!("sha256:{}", "0a".repeat(32));
         assert_eq!(digest_hex(&ok).unwrap().len(), 64);
-        for bad in ["sha256:../../etc/passwd", "sha256:ABC", "md5:00", &format!("sha256:{}", "A".repeat(64))] {
+        for bad in [
+            "sha256:../../etc/passwd",
+            "sha256:ABC",
+            "md5:00",
+            &format!("sha256:{}", "A".repeat(64)),
+        ] {
             assert!(digest_hex(bad).is_err(), "{bad}");
         }
     }

@@ -12,7 +12,10 @@ use std::path::{Component, Path, PathBuf};
 
 pub enum Source {
     Dir(PathBuf),
-    Tar { path: PathBuf, files: HashMap<PathBuf, (u64, u64)> },
+    Tar {
+        path: PathBuf,
+        files: HashMap<PathBuf, (u64, u64)>,
+    },
 }
 
 impl Source {
@@ -21,8 +24,21 @@ impl Source {
         let src = if meta.is_dir() {
             Source::Dir(path.to_path_buf())
         } else {
+            let mut magic = [0u8; 2];
+            let mut f = File::open(path).map_err(|e| ImageError::io(path, e))?;
+            f.read_exact(&mut magic)
+                .map_err(|e| ImageError::io(path, e))?;
+            if magic == [0x1f, 0x8b] {
+                return Err(ImageError::Layout {
+                    path: path.to_path_buf(),
+                    reason: "a compressed tar; decompress it first".into(),
+                });
+            }
             let files = index_tar(path).map_err(|e| ImageError::io(path, e))?;
-            Source::Tar { path: path.to_path_buf(), files }
+            Source::Tar {
+                path: path.to_path_buf(),
+                files,
+            }
         };
         let layout: serde_json::Value = {
             let r = src.read("oci-layout")?;
@@ -48,8 +64,10 @@ impl Source {
         r.take(oci::JSON_LIMIT)
             .read_to_end(&mut buf)
             .map_err(|e| ImageError::io(self.path(), e))?;
-        let index: oci::Index =
-            serde_json::from_slice(&buf).map_err(|e| ImageError::Json { what: what.clone(), source: e })?;
+        let index: oci::Index = serde_json::from_slice(&buf).map_err(|e| ImageError::Json {
+            what: what.clone(),
+            source: e,
+        })?;
         index.check(None, &what)?;
         Ok(index)
     }
@@ -81,7 +99,8 @@ impl Source {
                 let not_found = || ImageError::io(path.join(rel), io::ErrorKind::NotFound.into());
                 let &(offset, len) = files.get(Path::new(rel)).ok_or_else(not_found)?;
                 let mut f = File::open(path).map_err(|e| ImageError::io(path, e))?;
-                f.seek(SeekFrom::Start(offset)).map_err(|e| ImageError::io(path, e))?;
+                f.seek(SeekFrom::Start(offset))
+                    .map_err(|e| ImageError::io(path, e))?;
                 Ok(Box::new(f.take(len)))
             }
         }

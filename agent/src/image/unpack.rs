@@ -21,7 +21,12 @@ use tar::EntryType;
 
 /// Applies the layer stored at `blob` to `root`, checking the compressed bytes against
 /// `desc` and the uncompressed tar against `diff_id`.
-pub fn apply_layer(root: &Path, blob: &Path, desc: &Descriptor, diff_id: &str) -> Result<(), ImageError> {
+pub fn apply_layer(
+    root: &Path,
+    blob: &Path,
+    desc: &Descriptor,
+    diff_id: &str,
+) -> Result<(), ImageError> {
     let file = File::open(blob).map_err(|e| ImageError::io(blob, e))?;
     let mut packed = Verifying::new(file);
     {
@@ -30,8 +35,13 @@ pub fn apply_layer(root: &Path, blob: &Path, desc: &Descriptor, diff_id: &str) -
             Compression::Gzip => Box::new(MultiGzDecoder::new(&mut packed)),
         };
         let mut tar = Verifying::new(tar);
-        Layer { root, digest: &desc.digest, created: HashSet::new(), root_user: nix::unistd::geteuid().is_root() }
-            .apply(&mut tar)?;
+        Layer {
+            root,
+            digest: &desc.digest,
+            created: HashSet::new(),
+            root_user: nix::unistd::geteuid().is_root(),
+        }
+        .apply(&mut tar)?;
         tar.finish(diff_id, None).map_err(|e| match e {
             ImageError::Mismatch { reason, .. } => ImageError::Mismatch {
                 digest: desc.digest.clone(),
@@ -103,7 +113,9 @@ impl Layer<'_> {
             };
             match h.entry_type() {
                 EntryType::Directory => {
-                    let is_dir = fs::symlink_metadata(&dst).map(|m| m.is_dir()).unwrap_or(false);
+                    let is_dir = fs::symlink_metadata(&dst)
+                        .map(|m| m.is_dir())
+                        .unwrap_or(false);
                     if !is_dir {
                         remove(&dst)?;
                         fs::create_dir(&dst).map_err(|e| ImageError::io(&dst, e))?;
@@ -143,7 +155,9 @@ impl Layer<'_> {
                     let src = self.root.join(&trel);
                     match fs::symlink_metadata(&src) {
                         Ok(m) if !m.is_dir() => {}
-                        _ => return Err(self.refuse(&raw, "hardlink target missing or a directory")),
+                        _ => {
+                            return Err(self.refuse(&raw, "hardlink target missing or a directory"))
+                        }
                     }
                     if trel != rel {
                         remove(&dst)?;
@@ -155,7 +169,9 @@ impl Layer<'_> {
                     tracing::debug!(layer = self.digest, path = %rel.display(), "skipping device node or fifo");
                     continue;
                 }
-                other => return Err(self.refuse(&raw, &format!("unsupported entry type {other:?}"))),
+                other => {
+                    return Err(self.refuse(&raw, &format!("unsupported entry type {other:?}")))
+                }
             }
             self.created.insert(rel);
         }
@@ -170,11 +186,14 @@ impl Layer<'_> {
             let p = self.root.join(&cur);
             match fs::symlink_metadata(&p) {
                 Ok(m) if m.is_dir() => {}
-                Ok(m) if m.file_type().is_symlink() => return Err(self.refuse(&cur, "parent is a symlink")),
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(self.refuse(&cur, "parent is a symlink"))
+                }
                 Ok(_) => return Err(self.refuse(&cur, "parent is not a directory")),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     fs::create_dir(&p).map_err(|e| ImageError::io(&p, e))?;
-                    fs::set_permissions(&p, Permissions::from_mode(0o755)).map_err(|e| ImageError::io(&p, e))?;
+                    fs::set_permissions(&p, Permissions::from_mode(0o755))
+                        .map_err(|e| ImageError::io(&p, e))?;
                     self.created.insert(cur.clone());
                 }
                 Err(e) => return Err(ImageError::io(&p, e)),
@@ -201,7 +220,9 @@ impl Layer<'_> {
         if !self.created.contains(rel) {
             return remove(&self.root.join(rel));
         }
-        let is_dir = fs::symlink_metadata(self.root.join(rel)).map(|m| m.is_dir()).unwrap_or(false);
+        let is_dir = fs::symlink_metadata(self.root.join(rel))
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
         if is_dir {
             self.prune(rel)?;
         }
@@ -216,7 +237,11 @@ impl Layer<'_> {
             let rel = dir.join(e.file_name());
             if !self.created.contains(&rel) {
                 remove(&e.path())?;
-            } else if e.file_type().map_err(|err| ImageError::io(e.path(), err))?.is_dir() {
+            } else if e
+                .file_type()
+                .map_err(|err| ImageError::io(e.path(), err))?
+                .is_dir()
+            {
                 self.prune(&rel)?;
             }
         }
@@ -230,17 +255,25 @@ impl Layer<'_> {
         }
         // After chown, which clears setuid bits.
         if let Some(mode) = mode {
-            fs::set_permissions(p, Permissions::from_mode(mode)).map_err(|e| ImageError::io(p, e))?;
+            fs::set_permissions(p, Permissions::from_mode(mode))
+                .map_err(|e| ImageError::io(p, e))?;
         }
         Ok(())
     }
 
     fn tar_err(&self, e: io::Error) -> ImageError {
-        ImageError::Blob { digest: self.digest.to_string(), source: e }
+        ImageError::Blob {
+            digest: self.digest.to_string(),
+            source: e,
+        }
     }
 
     fn refuse(&self, path: &Path, reason: &str) -> ImageError {
-        ImageError::UnsafeEntry { layer: self.digest.to_string(), path: path.to_path_buf(), reason: reason.to_string() }
+        ImageError::UnsafeEntry {
+            layer: self.digest.to_string(),
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        }
     }
 }
 

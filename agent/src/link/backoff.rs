@@ -35,6 +35,11 @@ impl Backoff {
         let half = step / 2;
         half + half.mul_f64(jitter.clamp(0.0, 1.0))
     }
+
+    /// Success: the next failure waits `min` again.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
 }
 
 #[cfg(test)]

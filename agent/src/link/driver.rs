@@ -371,10 +371,11 @@ impl Worker {
             let verdict = lock(&self.shared).gate.check(&publish.payload);
             match verdict {
                 Verdict::Reject(r) => {
-                    let mut s = lock(&self.shared);
-                    s.reject(r);
-                    pump(&mut s, &self.client, &self.device);
-                    drop(s);
+                    {
+                        let mut s = lock(&self.shared);
+                        s.reject(r);
+                        pump(&mut s, &self.client, &self.device);
+                    }
                     self.ack(epoch, &publish).await;
                 }
                 Verdict::Duplicate => self.ack(epoch, &publish).await,
@@ -413,6 +414,9 @@ impl Worker {
         match outcome {
             Ok(()) => {
                 let Some(h) = held.take() else { return true };
+                // The ack is queued before the event, so whoever sees the
+                // event knows the broker has the ack.
+                self.ack(h.epoch, &h.publish).await;
                 {
                     let mut s = lock(&self.shared);
                     s.gate.raise(generation);
@@ -425,8 +429,7 @@ impl Worker {
                     pump(&mut s, &self.client, &self.device);
                 }
                 tracing::info!(generation, "desired state persisted");
-                self.ack(h.epoch, &h.publish).await;
-                self.retry = Backoff::new(self.retry_min(), self.retry_max());
+                self.retry.reset();
             }
             Err(reason) => {
                 *retry_in = self.retry.next_delay(None, rand::random::<f64>());
@@ -442,14 +445,6 @@ impl Worker {
             }
         }
         true
-    }
-
-    fn retry_min(&self) -> Duration {
-        self.retry.min()
-    }
-
-    fn retry_max(&self) -> Duration {
-        self.retry.max()
     }
 
     /// Acknowledges on the connection that delivered it; after a reconnect the

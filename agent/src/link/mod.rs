@@ -187,11 +187,16 @@ pub fn spawn(
         return Err(LinkError::Keepalive(cfg.keepalive));
     }
     let tls = driver::TlsFiles::check(&cfg, &url)?;
-    let session: u64 = rand::random();
-    let (handle_parts, incoming) = driver::start(cfg, url, tls, key, initial_generation, session)?;
-    let (shared, client, device, status, alive) = handle_parts;
-    let inner = Inner { shared, client, device, status, _alive: alive };
-    Ok((LinkHandle { inner: Arc::new(inner) }, incoming))
+    let gate = gate::Gate::new(cfg.device.clone(), key, initial_generation);
+    let parts = driver::start(&cfg, &url, tls, gate, rand::random())?;
+    let inner = Inner {
+        shared: parts.shared,
+        client: parts.client,
+        device: cfg.device,
+        status: parts.status,
+        _alive: parts.alive,
+    };
+    Ok((LinkHandle { inner: Arc::new(inner) }, parts.incoming))
 }
 
 fn lock(m: &Mutex<driver::Shared>) -> MutexGuard<'_, driver::Shared> {

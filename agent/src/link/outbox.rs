@@ -391,6 +391,25 @@ mod tests {
     }
 
     #[test]
+    fn acked_events_leave_room() {
+        let mut o = Outbox::new(7);
+        o.connected();
+        ev(&mut o, 3);
+        let mut pkid = 0;
+        let sent = drain(&mut o, &mut pkid);
+        for (p, _) in &sent {
+            o.acked(*p);
+        }
+        assert_eq!(o.pending_events(), 0);
+        o.disconnected();
+        ev(&mut o, RING as u64 + 20);
+        o.connected();
+        let sent = drain(&mut o, &mut pkid);
+        let first = decode_event(&sent[1].1.payload).unwrap();
+        assert_eq!((first.seq, first.dropped_before), (24, 20));
+    }
+
+    #[test]
     fn stray_acks_change_nothing() {
         let mut o = Outbox::new(1);
         o.connected();

@@ -33,9 +33,6 @@
 //!   does not flood the log or the controller.
 //! - Actions come out in app-name order.
 
-// used by the daemon
-#![allow(dead_code)]
-
 mod probes;
 mod state;
 #[cfg(test)]
@@ -60,43 +57,116 @@ pub enum Event {
     Desired(DesiredState),
     /// At start-up: a container found running from before the agent (re)started.
     /// `spec` is the spec it was created with; `running_since` when its process started.
-    Adopted { app: AppName, instance: u64, spec: AppSpec, pid: i32, running_since: Instant },
+    Adopted {
+        app: AppName,
+        instance: u64,
+        spec: AppSpec,
+        pid: i32,
+        running_since: Instant,
+    },
     /// At start-up: a container of a previous agent that exited while no agent ran.
-    AdoptedExited { app: AppName, instance: u64, spec: AppSpec, exit: ExitInfo },
-    Started { app: AppName, instance: u64, pid: i32 },
-    StartFailed { app: AppName, instance: u64, error: String },
-    Exited { app: AppName, instance: u64, exit: ExitInfo },
-    ProbeResult { app: AppName, instance: u64, kind: ProbeKind, ok: bool, detail: String },
+    AdoptedExited {
+        app: AppName,
+        instance: u64,
+        spec: AppSpec,
+        exit: ExitInfo,
+    },
+    Started {
+        app: AppName,
+        instance: u64,
+        pid: i32,
+    },
+    StartFailed {
+        app: AppName,
+        instance: u64,
+        error: String,
+    },
+    Exited {
+        app: AppName,
+        instance: u64,
+        exit: ExitInfo,
+    },
+    ProbeResult {
+        app: AppName,
+        instance: u64,
+        kind: ProbeKind,
+        ok: bool,
+        detail: String,
+    },
     /// Time passed; sent at `next_deadline()` (or earlier: harmless).
     Tick,
 }
 
+// An action is built, matched once and dropped; boxing the spec would only add
+// an allocation per start.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Create and start a container for `spec`.
-    Start { app: AppName, instance: u64, spec: AppSpec },
+    Start {
+        app: AppName,
+        instance: u64,
+        spec: AppSpec,
+    },
     /// SIGTERM, wait `grace`, then SIGKILL the whole cgroup.
-    Stop { app: AppName, instance: u64, grace: Duration },
+    Stop {
+        app: AppName,
+        instance: u64,
+        grace: Duration,
+    },
     /// Run one probe attempt within `probe.timeout`.
-    Probe { app: AppName, instance: u64, kind: ProbeKind, probe: skiff_common::Probe },
+    Probe {
+        app: AppName,
+        instance: u64,
+        kind: ProbeKind,
+        probe: skiff_common::Probe,
+    },
     /// Something a person or the controller should hear about.
     Note(Note),
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Note {
-    Started { app: AppName, instance: u64, pid: i32 },
-    StartFailed { app: AppName, error: String },
-    Exited { app: AppName, exit: ExitInfo },
+    Started {
+        app: AppName,
+        instance: u64,
+        pid: i32,
+    },
+    StartFailed {
+        app: AppName,
+        error: String,
+    },
+    Exited {
+        app: AppName,
+        exit: ExitInfo,
+    },
     /// Will be started again after `delay`.
-    Restarting { app: AppName, delay: Duration, restarts: u32 },
-    ProbeFailed { app: AppName, kind: ProbeKind, detail: String },
+    Restarting {
+        app: AppName,
+        delay: Duration,
+        restarts: u32,
+    },
+    ProbeFailed {
+        app: AppName,
+        kind: ProbeKind,
+        detail: String,
+    },
     /// Liveness or startup failed past its threshold: the container is being killed.
-    Unhealthy { app: AppName, kind: ProbeKind },
-    ReadyChanged { app: AppName, ready: bool },
+    Unhealthy {
+        app: AppName,
+        kind: ProbeKind,
+    },
+    ReadyChanged {
+        app: AppName,
+        ready: bool,
+    },
     /// Spec changed: the container is being replaced.
-    Replacing { app: AppName },
-    Removed { app: AppName },
+    Replacing {
+        app: AppName,
+    },
+    Removed {
+        app: AppName,
+    },
 }
 
 /// Tunables of the restart policy.

@@ -64,9 +64,20 @@ enum State {
     Pending { since: Instant },
     /// `Start` sent, waiting for `Started` or `StartFailed`.
     Starting(Container),
-    Running { c: Container, pid: i32, since: Instant, probes: Probes },
+    Running {
+        c: Container,
+        pid: i32,
+        since: Instant,
+        probes: Probes,
+    },
     /// `Stop` sent once, waiting for `Exited`. `live` is frozen for status.
-    Stopping { c: Container, pid: i32, since: Instant, why: StopWhy, live: Health },
+    Stopping {
+        c: Container,
+        pid: i32,
+        since: Instant,
+        why: StopWhy,
+        live: Health,
+    },
     /// Exited; started again at `until`.
     Backoff { until: Instant },
     /// Could not be started; tried again at `until`.
@@ -179,25 +190,50 @@ impl Reconciler {
                     app.on_tick(&mut env);
                 }
             }
-            Event::Adopted { app, instance, spec, pid, running_since } => {
-                self.on_adopted(app, instance, spec, pid, running_since, now, &mut out)
-            }
-            Event::AdoptedExited { app, instance, spec, exit } => {
-                self.on_adopted_exited(app, instance, spec, exit, now, &mut out)
-            }
+            Event::Adopted {
+                app,
+                instance,
+                spec,
+                pid,
+                running_since,
+            } => self.on_adopted(app, instance, spec, pid, running_since, now, &mut out),
+            Event::AdoptedExited {
+                app,
+                instance,
+                spec,
+                exit,
+            } => self.on_adopted_exited(app, instance, spec, exit, now, &mut out),
             Event::Started { app, instance, pid } => {
                 self.with_app(&app, now, &mut out, |a, env| {
                     a.on_started(instance, pid, env);
                     Fate::Keep
                 });
             }
-            Event::StartFailed { app, instance, error } => {
-                self.with_app(&app, now, &mut out, |a, env| a.on_start_failed(instance, error, env));
+            Event::StartFailed {
+                app,
+                instance,
+                error,
+            } => {
+                self.with_app(&app, now, &mut out, |a, env| {
+                    a.on_start_failed(instance, error, env)
+                });
             }
-            Event::Exited { app, instance, exit } => {
-                self.with_app(&app, now, &mut out, |a, env| a.on_exited(instance, exit, env));
+            Event::Exited {
+                app,
+                instance,
+                exit,
+            } => {
+                self.with_app(&app, now, &mut out, |a, env| {
+                    a.on_exited(instance, exit, env)
+                });
             }
-            Event::ProbeResult { app, instance, kind, ok, detail } => {
+            Event::ProbeResult {
+                app,
+                instance,
+                kind,
+                ok,
+                detail,
+            } => {
                 self.with_app(&app, now, &mut out, |a, env| {
                     a.on_probe_result(instance, kind, ok, detail, env);
                     Fate::Keep
@@ -227,8 +263,16 @@ impl Reconciler {
         out: &mut Vec<Action>,
         f: impl FnOnce(&mut App, &mut Env) -> Fate,
     ) {
-        let mut env = Env { now, backoff: self.backoff, may_start: self.started_up, instances: &mut self.instances, out };
-        let Some(app) = self.apps.get_mut(name) else { return };
+        let mut env = Env {
+            now,
+            backoff: self.backoff,
+            may_start: self.started_up,
+            instances: &mut self.instances,
+            out,
+        };
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
         if f(app, &mut env) == Fate::Forget {
             self.apps.remove(name);
         }
@@ -237,10 +281,19 @@ impl Reconciler {
     fn on_desired(&mut self, state: DesiredState, now: Instant, out: &mut Vec<Action>) {
         self.generation = state.generation;
         self.desired_known = true;
-        let mut wanted: BTreeMap<AppName, AppSpec> =
-            state.apps.into_iter().map(|a| (a.name.clone(), a)).collect();
+        let mut wanted: BTreeMap<AppName, AppSpec> = state
+            .apps
+            .into_iter()
+            .map(|a| (a.name.clone(), a))
+            .collect();
         let names: BTreeSet<AppName> = self.apps.keys().chain(wanted.keys()).cloned().collect();
-        let mut env = Env { now, backoff: self.backoff, may_start: self.started_up, instances: &mut self.instances, out };
+        let mut env = Env {
+            now,
+            backoff: self.backoff,
+            may_start: self.started_up,
+            instances: &mut self.instances,
+            out,
+        };
         for name in names {
             let spec = wanted.remove(&name);
             let fate = match (self.apps.get_mut(&name), spec) {
@@ -275,7 +328,13 @@ impl Reconciler {
         out: &mut Vec<Action>,
     ) {
         let desired_known = self.desired_known;
-        let mut env = Env { now, backoff: self.backoff, may_start: self.started_up, instances: &mut self.instances, out };
+        let mut env = Env {
+            now,
+            backoff: self.backoff,
+            may_start: self.started_up,
+            instances: &mut self.instances,
+            out,
+        };
         env.saw_instance(&name, instance);
         if let Some(app) = self.apps.get_mut(&name) {
             app.adopt(instance, spec, pid, running_since, &mut env);
@@ -308,13 +367,22 @@ impl Reconciler {
         out: &mut Vec<Action>,
     ) {
         let desired_known = self.desired_known;
-        let mut env = Env { now, backoff: self.backoff, may_start: self.started_up, instances: &mut self.instances, out };
+        let mut env = Env {
+            now,
+            backoff: self.backoff,
+            may_start: self.started_up,
+            instances: &mut self.instances,
+            out,
+        };
         env.saw_instance(&name, instance);
         if let Some(app) = self.apps.get_mut(&name) {
             app.adopted_exit(spec, exit, &mut env);
             return;
         }
-        env.note(Note::Exited { app: name.clone(), exit });
+        env.note(Note::Exited {
+            app: name.clone(),
+            exit,
+        });
         if desired_known {
             // Not desired: there is nothing left to stop.
             env.note(Note::Removed { app: name });
@@ -351,7 +419,9 @@ impl App {
     /// Starts the desired spec, or parks it until the start-up window closes.
     /// `restart`: counts as a restart (after an exit or a failed start).
     fn launch(&mut self, restart: bool, env: &mut Env) {
-        let Some(spec) = self.desired.clone() else { return };
+        let Some(spec) = self.desired.clone() else {
+            return;
+        };
         if !env.may_start {
             self.state = State::Pending { since: env.now };
             return;
@@ -360,20 +430,33 @@ impl App {
             self.restarts = self.restarts.saturating_add(1);
         }
         let instance = env.next_instance(&self.name);
-        env.out.push(Action::Start { app: self.name.clone(), instance, spec: spec.clone() });
+        env.out.push(Action::Start {
+            app: self.name.clone(),
+            instance,
+            spec: spec.clone(),
+        });
         self.state = State::Starting(Container { instance, spec });
     }
 
     /// Sends `Stop` to the running container; anything else is left alone.
     fn stop(&mut self, why: StopWhy, env: &mut Env) {
         let state = std::mem::replace(&mut self.state, State::Exited);
-        let State::Running { c, pid, since, probes } = state else {
+        let State::Running {
+            c,
+            pid,
+            since,
+            probes,
+        } = state
+        else {
             self.state = state;
             return;
         };
         // A container on its way out serves nothing any more.
         if probes.ready() == Health::Passing {
-            env.note(Note::ReadyChanged { app: self.name.clone(), ready: false });
+            env.note(Note::ReadyChanged {
+                app: self.name.clone(),
+                ready: false,
+            });
         }
         let live = match (why, probes.live()) {
             (StopWhy::Unhealthy, Health::None) => Health::None,
@@ -385,7 +468,13 @@ impl App {
             instance: c.instance,
             grace: c.spec.stop_grace,
         });
-        self.state = State::Stopping { c, pid, since, why, live };
+        self.state = State::Stopping {
+            c,
+            pid,
+            since,
+            why,
+            live,
+        };
     }
 
     /// The backoff delay for the next restart; a run of at least
@@ -416,7 +505,9 @@ impl App {
             delay,
             restarts: self.restarts.saturating_add(1),
         });
-        self.state = State::Backoff { until: after(env.now, delay) };
+        self.state = State::Backoff {
+            until: after(env.now, delay),
+        };
     }
 
     fn set_spec(&mut self, spec: AppSpec, env: &mut Env) {
@@ -431,27 +522,34 @@ impl App {
             // Started or StartFailed will see the new spec.
             State::Pending { .. } | State::Starting(_) => {}
             State::Running { .. } => {
-                env.note(Note::Replacing { app: self.name.clone() });
+                env.note(Note::Replacing {
+                    app: self.name.clone(),
+                });
                 self.stop(StopWhy::Replace, env);
             }
             State::Stopping { why, .. } => {
                 if *why != StopWhy::Replace {
                     *why = StopWhy::Replace;
-                    env.note(Note::Replacing { app: self.name.clone() });
+                    env.note(Note::Replacing {
+                        app: self.name.clone(),
+                    });
                 }
             }
             // No container to replace.
-            State::Backoff { .. } | State::Failed { .. } | State::Exited => {
-                self.launch(false, env)
-            }
+            State::Backoff { .. } | State::Failed { .. } | State::Exited => self.launch(false, env),
         }
     }
 
     fn remove(&mut self, env: &mut Env) -> Fate {
         self.desired = None;
         match &mut self.state {
-            State::Pending { .. } | State::Backoff { .. } | State::Failed { .. } | State::Exited => {
-                env.note(Note::Removed { app: self.name.clone() });
+            State::Pending { .. }
+            | State::Backoff { .. }
+            | State::Failed { .. }
+            | State::Exited => {
+                env.note(Note::Removed {
+                    app: self.name.clone(),
+                });
                 Fate::Forget
             }
             State::Starting(_) => Fate::Keep,
@@ -502,16 +600,27 @@ impl App {
             State::Starting(c) if c.instance == instance => c.clone(),
             _ => return,
         };
-        env.note(Note::Started { app: self.name.clone(), instance, pid });
+        env.note(Note::Started {
+            app: self.name.clone(),
+            instance,
+            pid,
+        });
         self.error = None;
         let probes = Probes::new(&c.spec, env.now);
         let wanted = self.desired.as_ref().map(|d| *d == c.spec);
-        self.state = State::Running { c, pid, since: env.now, probes };
+        self.state = State::Running {
+            c,
+            pid,
+            since: env.now,
+            probes,
+        };
         // The desired state changed while it was being created.
         match wanted {
             None => self.stop(StopWhy::Remove, env),
             Some(false) => {
-                env.note(Note::Replacing { app: self.name.clone() });
+                env.note(Note::Replacing {
+                    app: self.name.clone(),
+                });
                 self.stop(StopWhy::Replace, env);
             }
             Some(true) => {}
@@ -523,11 +632,16 @@ impl App {
             State::Starting(c) if c.instance == instance => c.clone(),
             _ => return Fate::Keep,
         };
-        env.note(Note::StartFailed { app: self.name.clone(), error: error.clone() });
+        env.note(Note::StartFailed {
+            app: self.name.clone(),
+            error: error.clone(),
+        });
         self.error = Some(error);
         match &self.desired {
             None => {
-                env.note(Note::Removed { app: self.name.clone() });
+                env.note(Note::Removed {
+                    app: self.name.clone(),
+                });
                 Fate::Forget
             }
             Some(d) if *d != c.spec => {
@@ -543,7 +657,9 @@ impl App {
                     delay,
                     restarts: self.restarts.saturating_add(1),
                 });
-                self.state = State::Failed { until: after(env.now, delay) };
+                self.state = State::Failed {
+                    until: after(env.now, delay),
+                };
                 Fate::Keep
             }
         }
@@ -554,7 +670,10 @@ impl App {
             return Fate::Keep;
         }
         self.last_exit = Some(exit);
-        env.note(Note::Exited { app: self.name.clone(), exit });
+        env.note(Note::Exited {
+            app: self.name.clone(),
+            exit,
+        });
         let state = std::mem::replace(&mut self.state, State::Exited);
         let (spec, ran) = match &state {
             State::Starting(c) => (&c.spec, Duration::ZERO),
@@ -564,7 +683,9 @@ impl App {
             _ => return Fate::Keep, // unreachable: it has a container
         };
         let Some(desired) = &self.desired else {
-            env.note(Note::Removed { app: self.name.clone() });
+            env.note(Note::Removed {
+                app: self.name.clone(),
+            });
             return Fate::Forget;
         };
         if desired != spec {
@@ -575,12 +696,18 @@ impl App {
         match state {
             State::Running { probes, .. } => {
                 if probes.ready() == Health::Passing {
-                    env.note(Note::ReadyChanged { app: self.name.clone(), ready: false });
+                    env.note(Note::ReadyChanged {
+                        app: self.name.clone(),
+                        ready: false,
+                    });
                 }
                 self.after_exit(exit.success(), ran, env);
             }
             // Kubelet: a liveness kill is a failure, whatever the exit code.
-            State::Stopping { why: StopWhy::Unhealthy, .. } => self.after_exit(false, ran, env),
+            State::Stopping {
+                why: StopWhy::Unhealthy,
+                ..
+            } => self.after_exit(false, ran, env),
             // Stopped for a replacement or removal that was then undone: the
             // desired spec is wanted, start it afresh.
             State::Stopping { .. } => self.launch(false, env),
@@ -597,25 +724,37 @@ impl App {
         detail: String,
         env: &mut Env,
     ) {
-        let State::Running { c, probes, .. } = &mut self.state else { return };
+        let State::Running { c, probes, .. } = &mut self.state else {
+            return;
+        };
         if c.instance != instance {
             return;
         }
-        let Some(verdict) = probes.record(&c.spec, kind, ok, env.now) else { return };
+        let Some(verdict) = probes.record(&c.spec, kind, ok, env.now) else {
+            return;
+        };
         let noted = &mut self.failing_noted[kind_index(kind)];
         if ok {
             *noted = false;
         } else if !*noted {
             *noted = true;
-            env.note(Note::ProbeFailed { app: self.name.clone(), kind, detail });
+            env.note(Note::ProbeFailed {
+                app: self.name.clone(),
+                kind,
+                detail,
+            });
         }
         match verdict {
             Verdict::Nothing => {}
-            Verdict::ReadyChanged(ready) => {
-                env.note(Note::ReadyChanged { app: self.name.clone(), ready })
-            }
+            Verdict::ReadyChanged(ready) => env.note(Note::ReadyChanged {
+                app: self.name.clone(),
+                ready,
+            }),
             Verdict::Kill => {
-                env.note(Note::Unhealthy { app: self.name.clone(), kind });
+                env.note(Note::Unhealthy {
+                    app: self.name.clone(),
+                    kind,
+                });
                 self.stop(StopWhy::Unhealthy, env);
             }
         }
@@ -637,9 +776,16 @@ impl App {
         }
         let probes = Probes::new(&spec, since);
         let wanted = self.desired.as_ref() == Some(&spec);
-        self.state = State::Running { c: Container { instance, spec }, pid, since, probes };
+        self.state = State::Running {
+            c: Container { instance, spec },
+            pid,
+            since,
+            probes,
+        };
         if !wanted {
-            env.note(Note::Replacing { app: self.name.clone() });
+            env.note(Note::Replacing {
+                app: self.name.clone(),
+            });
             self.stop(StopWhy::Replace, env);
         }
     }
@@ -650,7 +796,10 @@ impl App {
             return;
         }
         self.last_exit = Some(exit);
-        env.note(Note::Exited { app: self.name.clone(), exit });
+        env.note(Note::Exited {
+            app: self.name.clone(),
+            exit,
+        });
         // With another spec desired, the pending start of that spec stands.
         if self.desired.as_ref() == Some(&spec) {
             self.after_exit(exit.success(), Duration::ZERO, env);
@@ -667,9 +816,12 @@ impl App {
             State::Running { pid, probes, .. } => {
                 (Phase::Running, Some(*pid), probes.live(), probes.ready())
             }
-            State::Stopping { pid, live, c, .. } => {
-                (Phase::Stopping, Some(*pid), *live, unprobed(c.spec.readiness.as_ref()))
-            }
+            State::Stopping { pid, live, c, .. } => (
+                Phase::Stopping,
+                Some(*pid),
+                *live,
+                unprobed(c.spec.readiness.as_ref()),
+            ),
             other => {
                 let phase = match other {
                     State::Backoff { .. } => Phase::Backoff,
@@ -678,7 +830,12 @@ impl App {
                     _ => Phase::Starting,
                 };
                 let spec = self.container().map_or(spec, |c| &c.spec);
-                (phase, None, unprobed(spec.liveness.as_ref()), unprobed(spec.readiness.as_ref()))
+                (
+                    phase,
+                    None,
+                    unprobed(spec.liveness.as_ref()),
+                    unprobed(spec.readiness.as_ref()),
+                )
             }
         };
         AppStatus {

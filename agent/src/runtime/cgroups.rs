@@ -35,10 +35,8 @@ impl Cgroups {
             let (Some(mount_point), Some(fstype)) = (fields.get(4), fields.get(dash + 1)) else { continue };
             let super_opts = fields.get(dash + 3).copied().unwrap_or("");
             match *fstype {
-                "cgroup2" => {
-                    if v2_root.is_none() || *mount_point == "/sys/fs/cgroup" {
-                        v2_root = Some(PathBuf::from(mount_point));
-                    }
+                "cgroup2" if v2_root.is_none() || *mount_point == "/sys/fs/cgroup" => {
+                    v2_root = Some(PathBuf::from(mount_point));
                 }
                 "cgroup" => {
                     for opt in super_opts.split(',') {

@@ -50,10 +50,10 @@ pub fn main(dir: &Path) -> i32 {
     let _ = std::io::stdout().flush();
     // The shim outlives the agent: its stdout pipe may be gone from now on.
     let exit = wait_exit(init_pid);
-    let oom = cgroups
-        .as_ref()
-        .and_then(|c| c.oom_kills(&cfg.cgroup_path))
-        .is_some_and(|n| n > 0);
+    // OOM-killed means the app's main process died of the OOM killer's SIGKILL;
+    // a child killed for memory, with the app going on, is the app's business.
+    let oom = exit.signal == Some(nix::sys::signal::Signal::SIGKILL as i32)
+        && cgroups.as_ref().and_then(|c| c.oom_kills(&cfg.cgroup_path)).is_some_and(|n| n > 0);
     let exit = ExitInfo { oom_killed: oom, ..exit };
     eprintln!("shim: container exited: {exit:?}");
     cleanup(dir, &cfg, true);
