@@ -72,17 +72,71 @@ build_aarch64_musl() {
         cargo build --release --target "$t" "${PACKAGES[@]}"
 }
 
+# libcontainer 0.7.0 does not compile for 32-bit targets (it compares rlim_t, ino_t and
+# fs_type_t with 64-bit constants). Until the workspace patches it (a [patch.crates-io] in
+# Cargo.toml) or upstream fixes it, armv7 builds from a shadow workspace under
+# target/cross/armv7-ws: symlinks to this one's crates, a copy of Cargo.toml with a
+# [patch.crates-io] pointing at libcontainer with cross/patches/libcontainer-0.7.0-32bit.patch
+# applied, and its own copy of Cargo.lock, so the real Cargo.toml and Cargo.lock are never
+# touched. Echoes the directory to build in.
+armv7_workspace() {
+    local lc shadow e crate
+    lc=$(awk '/^name = "libcontainer"$/ { f = 1 } f && /^$/ { exit } f' "$ROOT/Cargo.lock")
+    case "$lc" in
+        *'version = "0.7.0"'*'source = "registry+'*) ;;
+        *) echo "$ROOT"; return 0 ;; # patched already, or another version: build as is
+    esac
+    command -v patch >/dev/null || apt_install patch
+    crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/libcontainer-0.7.0.crate 2>/dev/null | head -n1)
+    if [ -z "$crate" ]; then
+        cargo fetch --manifest-path "$ROOT/Cargo.toml" >&2
+        crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/libcontainer-0.7.0.crate | head -n1)
+    fi
+    shadow="$TARGET_DIR/cross/armv7-ws"
+    local patched="$TARGET_DIR/cross/libcontainer-0.7.0-32bit"
+    local stamp
+    stamp=$(sha256sum "$crate" "$ROOT/cross/patches/libcontainer-0.7.0-32bit.patch" | sha256sum | cut -c1-16)
+    if [ "$(cat "$patched/.stamp" 2>/dev/null)" != "$stamp" ]; then
+        log "patching libcontainer 0.7.0 for 32-bit targets"
+        rm -rf "$patched" "$patched.tmp"
+        mkdir -p "$patched.tmp"
+        tar -xzf "$crate" -C "$patched.tmp" --strip-components=1
+        patch -s -p1 -d "$patched.tmp" <"$ROOT/cross/patches/libcontainer-0.7.0-32bit.patch" >&2
+        echo "$stamp" >"$patched.tmp/.stamp"
+        mv "$patched.tmp" "$patched"
+    fi
+    mkdir -p "$shadow"
+    for e in "$ROOT"/* "$ROOT"/.cargo; do
+        [ -e "$e" ] || continue
+        case "${e##*/}" in Cargo.toml | Cargo.lock | target) continue ;; esac
+        ln -sfn "$e" "$shadow/${e##*/}"
+    done
+    if grep -q '^\[patch\.crates-io\]' "$ROOT/Cargo.toml"; then
+        sed "/^\[patch\.crates-io\]/a libcontainer = { path = \"$patched\" }" "$ROOT/Cargo.toml" >"$shadow/Cargo.toml"
+    else
+        { cat "$ROOT/Cargo.toml"; printf '\n[patch.crates-io]\nlibcontainer = { path = "%s" }\n' "$patched"; } >"$shadow/Cargo.toml"
+    fi
+    cp "$ROOT/Cargo.lock" "$shadow/Cargo.lock"
+    log "armv7: building in $shadow (libcontainer patched for 32-bit)"
+    echo "$shadow"
+}
+
 build_armv7_gnueabihf() {
-    local t=armv7-unknown-linux-gnueabihf
+    local t=armv7-unknown-linux-gnueabihf ws
     apt_install gcc-arm-linux-gnueabihf libc6-dev-armhf-cross
     rustup_target "$t"
+    ws=$(armv7_workspace)
     # Static glibc: Raspberry Pi OS releases differ in glibc version, a static binary runs
     # on all of them. CC_* is for crates that build C (the cc crate).
-    CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_LINKER=arm-linux-gnueabihf-gcc \
-    CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_RUSTFLAGS="-C target-feature=+crt-static" \
-    CC_armv7_unknown_linux_gnueabihf=arm-linux-gnueabihf-gcc \
-    AR_armv7_unknown_linux_gnueabihf=arm-linux-gnueabihf-ar \
-        cargo build --release --target "$t" "${PACKAGES[@]}"
+    (
+        cd "$ws"
+        CARGO_TARGET_DIR="$TARGET_DIR" \
+        CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_LINKER=arm-linux-gnueabihf-gcc \
+        CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_RUSTFLAGS="-C target-feature=+crt-static" \
+        CC_armv7_unknown_linux_gnueabihf=arm-linux-gnueabihf-gcc \
+        AR_armv7_unknown_linux_gnueabihf=arm-linux-gnueabihf-ar \
+            cargo build --release --target "$t" "${PACKAGES[@]}"
+    )
 }
 
 collect() {

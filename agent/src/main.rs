@@ -9,6 +9,7 @@ mod daemon;
 mod doctor;
 mod fsutil;
 mod image;
+mod link;
 mod paths;
 mod probe;
 mod reconciler;

@@ -1,1 +1,61 @@
-fn main() {}
+//! skiffctl: the fleet side of skiff.
+//!
+//! `keygen` makes the controller's ed25519 key pair; `apply` validates an
+//! `apps.toml`, signs it for each target device and publishes it retained;
+//! `status` prints what every device reports; `events` prints what devices
+//! said happened. Everything goes through the broker (see
+//! `skiff_common::protocol`); skiffctl keeps no state of its own besides the
+//! key files. Errors go to stderr with a non-zero exit: 1 for failures, 2 for
+//! usage errors (clap).
+
+mod apply;
+mod events;
+mod fleet;
+mod keys;
+mod mqtt;
+mod show;
+mod status;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "skiffctl", version, about = "Manage a fleet of skiff devices over MQTT")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make the controller's key pair: controller.key (secret, mode 0600) and
+    /// controller.pub (goes on every device).
+    Keygen(keys::KeygenArgs),
+    /// Validate apps.toml, sign it for each device and publish it (retained, QoS 1).
+    Apply(apply::ApplyArgs),
+    /// Show every device: online, desired and applied generation, apps and health.
+    Status(status::StatusArgs),
+    /// Print device events queued since the last run; --follow keeps printing.
+    Events(events::EventsArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keygen(a) => keys::keygen(&a),
+        Command::Apply(a) => runtime().and_then(|rt| rt.block_on(apply::apply(a))),
+        Command::Status(a) => runtime().and_then(|rt| rt.block_on(status::status(a))),
+        Command::Events(a) => runtime().and_then(|rt| rt.block_on(events::events(a))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("skiffctl: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}

@@ -45,6 +45,14 @@ pub fn busybox_image() -> &'static Path {
     })
 }
 
+/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
+pub fn alive(pid: i64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(stat.rsplit(") ").next().and_then(|r| r.chars().next()), Some('Z') | Some('X')),
+        Err(_) => false,
+    }
+}
+
 /// Polls `f` every 50 ms until it returns `Some`, or panics with `what` after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;
@@ -122,7 +130,8 @@ impl Sandbox {
         let child = self.cmd(&args).stdout(Stdio::null()).stderr(log).spawn().expect("spawn agent");
         self.agent = Some(child);
         let sock = self.run_dir().join("skiff.sock");
-        wait_for(Duration::from_secs(10), "the agent's socket", || sock.exists().then_some(()));
+        // A dead agent leaves its socket file: wait for one that answers.
+        wait_for(Duration::from_secs(10), "the agent's socket", || std::os::unix::net::UnixStream::connect(&sock).ok());
     }
 
     pub fn agent_pid(&self) -> Option<u32> {

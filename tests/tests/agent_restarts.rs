@@ -1,6 +1,6 @@
 //! Restart policies and backoff, probes, replacement of changed apps.
 
-use skiff_tests::agent::{wait_for, Sandbox};
+use skiff_tests::agent::{alive, wait_for, Sandbox};
 use std::time::{Duration, Instant};
 
 fn fast_backoff() -> Sandbox {
@@ -175,7 +175,7 @@ fn changed_spec_replaces_and_removed_app_stops() {
     assert!(a2["pid"].is_i64());
     wait_for(Duration::from_secs(20), "b to be gone", || sb.app("b").is_null().then_some(()));
     let bpid = b1["pid"].as_i64().unwrap();
-    assert!(!std::path::Path::new(&format!("/proc/{bpid}")).exists(), "b's process still runs");
+    assert!(!alive(bpid), "b's process still runs");
     assert!(!sb.cgroup_file("memory", "b", "").exists(), "b's cgroup remains");
 }
 

@@ -1,0 +1,128 @@
+//! `skiffctl apply`: validate, pick a generation, sign per device, publish
+//! retained, confirm.
+//!
+//! The generation must only grow, on every device, across controller
+//! machines and across a broker that lost its retained messages. By default it
+//! is the largest of: one above every target's retained desired generation,
+//! one above every generation a target reports applied (a local
+//! `skiff apply` counts), and the current Unix time in seconds (which keeps
+//! growing when the broker forgot everything). `--generation` overrides it,
+//! but never below what a device already has: it would refuse the state.
+
+use crate::fleet;
+use crate::keys;
+use crate::mqtt::{random_client_id, BrokerArgs, Conn};
+use crate::show::unix_now;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rumqttc::QoS;
+use skiff_common::protocol::{
+    decode_reported, parse_topic, peek_desired, seal_desired, topic, Channel, DeviceId, KeyId,
+};
+use skiff_common::{toml_file, Origin};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct ApplyArgs {
+    /// The desired state to publish (an apps.toml, as `skiff validate` reads it).
+    #[arg(short = 'f', long = "file", value_name = "APPS_TOML")]
+    file: PathBuf,
+    /// A target device; repeat for several.
+    #[arg(long = "device", value_name = "ID", required_unless_present = "group")]
+    devices: Vec<String>,
+    /// Every device of this group in --fleet.
+    #[arg(long, value_name = "NAME", requires = "fleet", conflicts_with = "devices")]
+    group: Option<String>,
+    /// The fleet file defining groups.
+    #[arg(long, value_name = "FLEET_TOML", requires = "group")]
+    fleet: Option<PathBuf>,
+    /// The controller's secret key (controller.key from `skiffctl keygen`).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Publish this generation instead of the automatic one.
+    #[arg(long, value_name = "N")]
+    generation: Option<u64>,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+pub async fn apply(args: ApplyArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let mut state = match toml_file::parse(&text) {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{}:{e}", args.file.display());
+            }
+            bail!("{}: {} error(s); nothing was published", args.file.display(), errors.len());
+        }
+    };
+    let devices = targets(&args)?;
+    let key = keys::read_secret(&args.key)?;
+
+    let mut conn = Conn::connect(&args.broker, random_client_id(), true).await?;
+    let filters: Vec<String> = devices
+        .iter()
+        .flat_map(|d| [topic(d, Channel::Desired), topic(d, Channel::Reported)])
+        .collect();
+    let mut current: BTreeMap<DeviceId, u64> = devices.iter().map(|d| (d.clone(), 0)).collect();
+    for p in conn.collect(&filters).await? {
+        let Ok((device, channel)) = parse_topic(&p.topic) else { continue };
+        let generation = match channel {
+            // Unverified: only used to stay above it.
+            Channel::Desired => peek_desired(&p.payload).ok().map(|(_, b)| b.state.generation),
+            Channel::Reported => decode_reported(&p.payload).ok().map(|r| r.generation_applied),
+            _ => None,
+        };
+        if let (Some(g), Some(c)) = (generation, current.get_mut(&device)) {
+            *c = (*c).max(g);
+        }
+    }
+    let (newest_device, newest) =
+        current.iter().max_by_key(|(_, g)| **g).map(|(d, g)| (d.clone(), *g)).expect("targets");
+    let generation = match args.generation {
+        Some(n) if n <= newest => bail!(
+            "--generation {n} is not above {newest}, the generation device {newest_device} already has; it would refuse the state"
+        ),
+        Some(n) => n,
+        None => (newest + 1).max(unix_now()),
+    };
+    state.generation = generation;
+    state.origin = Origin::Controller;
+
+    let mut sent = Vec::new();
+    for d in &devices {
+        let payload = seal_desired(&key, d, &state).with_context(|| format!("cannot sign for {d}"))?;
+        let t = topic(d, Channel::Desired);
+        conn.client.publish(t.clone(), QoS::AtLeastOnce, true, payload.clone()).await?;
+        sent.push((t, payload));
+    }
+    conn.confirm(sent).await?;
+    conn.close().await;
+    let key_id = KeyId::of(&key.verifying_key());
+    for d in &devices {
+        println!(
+            "{d}: generation {generation} published ({} app(s), signed by key {key_id})",
+            state.apps.len()
+        );
+    }
+    Ok(())
+}
+
+fn targets(args: &ApplyArgs) -> Result<Vec<DeviceId>> {
+    if let (Some(group), Some(path)) = (&args.group, &args.fleet) {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return fleet::group_devices(&text, group).with_context(|| format!("{}", path.display()));
+    }
+    let mut out = args
+        .devices
+        .iter()
+        .map(|d| DeviceId::try_from(d.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
