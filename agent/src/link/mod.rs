@@ -41,7 +41,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use outbox::{EVENT_WINDOW, RING};
+/// Events held while the broker is away; beyond this the oldest are dropped.
+pub const RING: usize = outbox::RING;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The main job on its embedded default: builds skiff and the bundled busybox
+# image, loads it, applies examples/demo.toml and runs the agent in the
+# foreground. No network and no broker needed. Ctrl-C stops the agent; the
+# containers keep running (that is the point) until `./demo.sh stop`.
+# Run as root. In another terminal: ./target/release/skiff ps
+set -euo pipefail
+cd "$(dirname "$0")"
+
+skiff=./target/release/skiff
+if [[ "${1:-}" == stop ]]; then
+    "$skiff" apply -f examples/empty.toml
+    exit 0
+fi
+scripts/deps.sh demo
+bash images/build.sh
+cargo build --release -q -p skiff-agent
+"$skiff" doctor
+"$skiff" image load images/out/busybox
+"$skiff" apply -f examples/demo.toml
+echo
+echo "skiff agent is starting. In another terminal try:"
+echo "  $skiff ps             # apps, pids, restarts, health"
+echo "  $skiff logs ticker -f # an app's output"
+echo "  curl -s 127.0.0.1:8080/ # the web app"
+echo "Ctrl-C stops the agent (apps keep running); ./demo.sh stop removes the apps."
+echo
+exec "$skiff" agent

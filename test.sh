@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# All of skiff's checks and tests: formatting, lints, unit tests, and the
+# end-to-end tests against real containers, a real mosquitto and a real QEMU
+# ARM board. Installs what it needs. Run as root (containers need it).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+scripts/deps.sh test
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -q -- -D warnings
+bash images/build.sh
+cargo build --workspace -q
+cargo test --workspace -- --test-threads=2
