@@ -22,8 +22,12 @@ pub enum Request {
 pub enum Response {
     Ps(PsReply),
     /// The desired state the agent now runs.
-    Reloaded { generation: u64 },
-    Error { message: String },
+    Reloaded {
+        generation: u64,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

@@ -20,7 +20,11 @@ pub const EXIT_ERROR: i32 = 1;
 pub const EXIT_INVALID: i32 = 3;
 
 #[derive(Parser)]
-#[command(name = "skiff", version, about = "Container agent for ARM boards: runs OCI containers from a local desired state")]
+#[command(
+    name = "skiff",
+    version,
+    about = "Container agent for ARM boards: runs OCI containers from a local desired state"
+)]
 struct Cli {
     #[command(flatten)]
     paths: PathArgs,
@@ -46,7 +50,12 @@ struct PathArgs {
 
 impl PathArgs {
     fn paths(&self) -> Paths {
-        Paths::new(Some(self.state_dir.clone()), Some(self.run_dir.clone()), self.log_dir.clone(), Some(self.cgroup_root.clone()))
+        Paths::new(
+            Some(self.state_dir.clone()),
+            Some(self.run_dir.clone()),
+            self.log_dir.clone(),
+            Some(self.cgroup_root.clone()),
+        )
     }
 }
 
@@ -195,7 +204,9 @@ fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let checks = crate::doctor::run(&paths);
@@ -212,7 +223,8 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -231,6 +243,25 @@ fn validate(file: &Path) -> anyhow::Result<skiff_common::DesiredState> {
 
 fn apply(paths: &Paths, file: &Path) -> anyhow::Result<()> {
     let state = validate(file)?;
+    // An app whose image is not here would be stopped and never come back:
+    // refuse the state instead, before anything is written.
+    let store = ImageStore::open(&paths.images())?;
+    let missing: Vec<String> = state
+        .apps
+        .iter()
+        .filter(|a| store.resolve(&a.image).is_err())
+        .map(|a| {
+            format!(
+                "{}: app {:?}: image {} is not in the image store (load it with `skiff image load` first)",
+                file.display(),
+                a.name.as_str(),
+                a.image
+            )
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Err(Invalid(missing.join("\n")).into());
+    }
     let store = StateStore::new(&paths.state_dir);
     let saved = store.save(state, None)?;
     let generation = match saved {
@@ -246,8 +277,12 @@ fn apply(paths: &Paths, file: &Path) -> anyhow::Result<()> {
     // Tell a running agent at once; without one, the state waits on disk.
     if paths.socket().exists() {
         match rt()?.block_on(api::call(&paths.socket(), &Request::Reload)) {
-            Ok(Response::Reloaded { generation: g }) if g >= generation => println!("agent is applying generation {g}"),
-            Ok(Response::Reloaded { generation: g }) => println!("agent runs generation {g}; it will pick up {generation} shortly"),
+            Ok(Response::Reloaded { generation: g }) if g >= generation => {
+                println!("agent is applying generation {g}")
+            }
+            Ok(Response::Reloaded { generation: g }) => {
+                println!("agent runs generation {g}; it will pick up {generation} shortly")
+            }
             Ok(Response::Error { message }) => eprintln!("warning: agent: {message}"),
             Ok(_) => {}
             Err(e) => eprintln!("warning: {e:#}; the agent applies the new state when it starts"),
@@ -280,7 +315,9 @@ fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
             a.name.as_str(),
             phase(a),
             a.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            u.and_then(|u| u.memory_bytes).map(|b| format!("{:.1}M", b as f64 / (1 << 20) as f64)).unwrap_or_else(|| "-".into()),
+            u.and_then(|u| u.memory_bytes)
+                .map(|b| format!("{:.1}M", b as f64 / (1 << 20) as f64))
+                .unwrap_or_else(|| "-".into()),
             u.and_then(|u| u.cpu_seconds).map(|s| format!("{s:.2}s")).unwrap_or_else(|| "-".into()),
             a.restarts,
             a.last_exit.map(|e| exit_text(&e)).unwrap_or_else(|| "-".into()),
@@ -355,7 +392,8 @@ fn image_cmd(paths: &Paths, c: ImageCmd) -> anyhow::Result<()> {
         ImageCmd::Load { path, name, json } => image::cli_load(&store, &path, name.as_deref(), json),
         ImageCmd::Ls { json } => image::cli_ls(&store, json),
         ImageCmd::Rm { reference } => {
-            let r = skiff_common::ImageRef::try_from(reference.as_str()).map_err(|e| Invalid(e.to_string()))?;
+            let r =
+                skiff_common::ImageRef::try_from(reference.as_str()).map_err(|e| Invalid(e.to_string()))?;
             let digest = store.resolve(&r)?.digest;
             // Removing an image a container runs from would pull its root away.
             let desired = StateStore::new(&paths.state_dir).load()?.state;
@@ -366,7 +404,10 @@ fn image_cmd(paths: &Paths, c: ImageCmd) -> anyhow::Result<()> {
                 .map(|a| a.name.to_string())
                 .collect();
             if !users.is_empty() {
-                anyhow::bail!("{r} is used by app(s) {}: apply a desired state without them first", users.join(", "));
+                anyhow::bail!(
+                    "{r} is used by app(s) {}: apply a desired state without them first",
+                    users.join(", ")
+                );
             }
             store.remove(&r)?;
             println!("removed {r}");

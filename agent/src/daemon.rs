@@ -84,11 +84,21 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 info!(app = %found.app, instance = found.instance, pid = s.init_pid, "adopting running container");
                 let running_since = since(s.started_boot_ms, now);
                 ex.watch(found.app.clone(), found.instance, None, s);
-                Event::Adopted { app: found.app, instance: found.instance, spec: found.spec, pid: s.init_pid, running_since }
+                Event::Adopted {
+                    app: found.app,
+                    instance: found.instance,
+                    spec: found.spec,
+                    pid: s.init_pid,
+                    running_since,
+                }
             }
             FoundState::Exited(exit) => {
                 runtime.forget(&found.app, found.instance);
                 Event::AdoptedExited { app: found.app, instance: found.instance, spec: found.spec, exit }
+            }
+            FoundState::NeverStarted => {
+                runtime.forget(&found.app, found.instance);
+                continue;
             }
             FoundState::Lost => {
                 warn!(app = %found.app, instance = found.instance, "container lost its shim; killing it");
@@ -206,11 +216,16 @@ impl Executor {
                         match rt.start(&spec, instance).await {
                             Ok((started, digest, child)) => {
                                 let _ = tx.send(Input::Digest(app.clone(), digest));
-                                Self::send(&tx, Event::Started { app: app.clone(), instance, pid: started.init_pid });
+                                Self::send(
+                                    &tx,
+                                    Event::Started { app: app.clone(), instance, pid: started.init_pid },
+                                );
                                 let exit = rt.wait_exit(&app, instance, Some(child), started).await;
                                 Self::send(&tx, Event::Exited { app, instance, exit });
                             }
-                            Err(e) => Self::send(&tx, Event::StartFailed { app, instance, error: e.to_string() }),
+                            Err(e) => {
+                                Self::send(&tx, Event::StartFailed { app, instance, error: e.to_string() })
+                            }
                         }
                     });
                 }
@@ -233,7 +248,13 @@ impl Executor {
         }
     }
 
-    fn watch(&self, app: AppName, instance: u64, child: Option<tokio::process::Child>, started: crate::runtime::instance::Started) {
+    fn watch(
+        &self,
+        app: AppName,
+        instance: u64,
+        child: Option<tokio::process::Child>,
+        started: crate::runtime::instance::Started,
+    ) {
         let rt = self.runtime.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
@@ -247,8 +268,12 @@ fn log_note(n: &Note) {
     match n {
         Note::Started { app, instance, pid } => info!(app = %app, instance, pid, "started"),
         Note::StartFailed { app, error } => warn!(app = %app, %error, "start failed"),
-        Note::Exited { app, exit } => info!(app = %app, code = ?exit.code, signal = ?exit.signal, oom_killed = exit.oom_killed, "exited"),
-        Note::Restarting { app, delay, restarts } => info!(app = %app, ?delay, restarts, "restarting after delay"),
+        Note::Exited { app, exit } => {
+            info!(app = %app, code = ?exit.code, signal = ?exit.signal, oom_killed = exit.oom_killed, "exited")
+        }
+        Note::Restarting { app, delay, restarts } => {
+            info!(app = %app, ?delay, restarts, "restarting after delay")
+        }
         Note::ProbeFailed { app, kind, detail } => warn!(app = %app, ?kind, %detail, "probe failed"),
         Note::Unhealthy { app, kind } => warn!(app = %app, ?kind, "unhealthy: killing the container"),
         Note::ReadyChanged { app, ready } => info!(app = %app, ready, "readiness changed"),
@@ -294,7 +319,12 @@ impl Usage {
     }
 }
 
-async fn serve_api(listener: UnixListener, tx: mpsc::UnboundedSender<Input>, view: Arc<Mutex<View>>, usage: Arc<Usage>) {
+async fn serve_api(
+    listener: UnixListener,
+    tx: mpsc::UnboundedSender<Input>,
+    view: Arc<Mutex<View>>,
+    usage: Arc<Usage>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let tx = tx.clone();
@@ -333,7 +363,9 @@ async fn serve_api(listener: UnixListener, tx: mpsc::UnboundedSender<Input>, vie
 /// Polls the desired-state file once a second (a stat, no read, no write) so
 /// a state written while the agent was busy, or by hand, is picked up.
 async fn watch_state_file(path: std::path::PathBuf, tx: mpsc::UnboundedSender<Input>) {
-    let stamp = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.ino(), m.mtime_nsec(), m.mtime(), m.len()));
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p).ok().map(|m| (m.ino(), m.mtime_nsec(), m.mtime(), m.len()))
+    };
     let mut last = stamp(&path);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;

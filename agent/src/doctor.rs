@@ -48,7 +48,12 @@ pub fn run(paths: &Paths) -> Vec<Check> {
                 CgroupVersion::V1 => "v1",
                 CgroupVersion::V2 => "v2",
             };
-            out.push(check("cgroups", Level::Ok, format!("cgroup {v}, controllers: {}", c.controllers.join(" ")), None));
+            out.push(check(
+                "cgroups",
+                Level::Ok,
+                format!("cgroup {v}, controllers: {}", c.controllers.join(" ")),
+                None,
+            ));
             for ctrl in ["memory", "cpu", "pids"] {
                 if c.controllers.iter().any(|x| x == ctrl) {
                     continue;
@@ -59,7 +64,13 @@ pub fn run(paths: &Paths) -> Vec<Check> {
                     "enable the controller in the kernel configuration or the cgroup mount"
                 };
                 out.push(check(
-                    if ctrl == "memory" { "memory controller" } else if ctrl == "cpu" { "cpu controller" } else { "pids controller" },
+                    if ctrl == "memory" {
+                        "memory controller"
+                    } else if ctrl == "cpu" {
+                        "cpu controller"
+                    } else {
+                        "pids controller"
+                    },
                     Level::Fail,
                     format!("the {ctrl} cgroup controller is not available"),
                     Some(fix),
@@ -86,7 +97,12 @@ pub fn run(paths: &Paths) -> Vec<Check> {
         out.push(if ok {
             check(name, Level::Ok, format!("{} is writable", dir.display()), None)
         } else {
-            check(name, Level::Fail, format!("{} is not writable", dir.display()), Some("check the path and its file system (read-only root?)"))
+            check(
+                name,
+                Level::Fail,
+                format!("{} is not writable", dir.display()),
+                Some("check the path and its file system (read-only root?)"),
+            )
         });
     }
     out

@@ -23,7 +23,12 @@ impl Paths {
     pub const DEFAULT_STATE: &'static str = "/var/lib/skiff";
     pub const DEFAULT_RUN: &'static str = "/run/skiff";
 
-    pub fn new(state_dir: Option<PathBuf>, run_dir: Option<PathBuf>, log_dir: Option<PathBuf>, cgroup_root: Option<String>) -> Paths {
+    pub fn new(
+        state_dir: Option<PathBuf>,
+        run_dir: Option<PathBuf>,
+        log_dir: Option<PathBuf>,
+        cgroup_root: Option<String>,
+    ) -> Paths {
         let state_dir = state_dir.unwrap_or_else(|| Self::DEFAULT_STATE.into());
         let run_dir = run_dir.unwrap_or_else(|| Self::DEFAULT_RUN.into());
         let log_dir = log_dir.unwrap_or_else(|| run_dir.join("logs"));

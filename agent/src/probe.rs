@@ -89,7 +89,10 @@ async fn exec(args: &[String], timeout: Duration, exe: &Path, root: &Path, id: &
             text.push_str(&String::from_utf8_lossy(&out.stdout));
             let text: String = text.trim().chars().take(200).collect();
             let code = out.status.code().unwrap_or(-1);
-            (code == 0, format!("exec {:?}: exit {code}{}{text}", args[0], if text.is_empty() { "" } else { ": " }))
+            (
+                code == 0,
+                format!("exec {:?}: exit {code}{}{text}", args[0], if text.is_empty() { "" } else { ": " }),
+            )
         }
         Err(e) => (false, format!("exec: {e}")),
     }

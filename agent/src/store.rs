@@ -63,7 +63,9 @@ impl StateStore {
 
     fn read(path: &Path) -> Result<Option<DesiredState>, StoreError> {
         match std::fs::read(path) {
-            Ok(b) => state_file::decode(&b).map(Some).map_err(|source| StoreError::Corrupt { path: path.to_path_buf(), source }),
+            Ok(b) => state_file::decode(&b)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { path: path.to_path_buf(), source }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StoreError::Io { path: path.to_path_buf(), source }),
         }
@@ -74,7 +76,9 @@ impl StateStore {
         match Self::read(&self.path()) {
             Ok(Some(state)) => Ok(Loaded { state, fell_back: None }),
             Ok(None) => match Self::read(&self.prev())? {
-                Some(state) => Ok(Loaded { state, fell_back: Some(format!("{} is missing", self.path().display())) }),
+                Some(state) => {
+                    Ok(Loaded { state, fell_back: Some(format!("{} is missing", self.path().display())) })
+                }
                 None => Ok(Loaded { state: DesiredState::empty(), fell_back: None }),
             },
             Err(e @ StoreError::Corrupt { .. }) => match Self::read(&self.prev())? {
@@ -89,7 +93,12 @@ impl StateStore {
     pub fn lock(&self) -> Result<Flock<File>, StoreError> {
         std::fs::create_dir_all(&self.dir).map_err(self.io(self.dir.clone()))?;
         let path = self.dir.join("desired.lock");
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(self.io(path.clone()))?;
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(self.io(path.clone()))?;
         Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| StoreError::Io { path, source: e.into() })
     }
 
@@ -100,12 +109,17 @@ impl StateStore {
         let _guard = self.lock()?;
         let current = self.load().ok().map(|l| l.state);
         if let Some(cur) = &current {
-            if cur.apps == next.apps && cur.origin == next.origin && generation.is_none_or(|g| g == cur.generation) {
+            if cur.apps == next.apps
+                && cur.origin == next.origin
+                && generation.is_none_or(|g| g == cur.generation)
+            {
                 return Ok(Saved::Unchanged(cur.generation));
             }
         }
-        next.generation = generation.unwrap_or_else(|| current.as_ref().map(|c| c.generation).unwrap_or(0) + 1);
-        let bytes = state_file::encode(&next).map_err(|source| StoreError::Corrupt { path: self.path(), source })?;
+        next.generation =
+            generation.unwrap_or_else(|| current.as_ref().map(|c| c.generation).unwrap_or(0) + 1);
+        let bytes =
+            state_file::encode(&next).map_err(|source| StoreError::Corrupt { path: self.path(), source })?;
         if self.path().exists() {
             // Keep the generation being replaced. Link, then rename over the old
             // copy, so `prev` is always either complete or the older one.

@@ -100,8 +100,7 @@ pub fn decode<T: DeserializeOwned>(
     if expected != found {
         return Err(CodecError::Crc { expected, found });
     }
-    let (value, rest) =
-        postcard::take_from_bytes(payload).map_err(|e| CodecError::Payload(e.to_string()))?;
+    let (value, rest) = postcard::take_from_bytes(payload).map_err(|e| CodecError::Payload(e.to_string()))?;
     if !rest.is_empty() {
         return Err(CodecError::Payload(format!("{} trailing bytes", rest.len())));
     }

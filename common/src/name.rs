@@ -121,9 +121,7 @@ impl TryFrom<&str> for ImageRef {
         };
         let name_ok = !name.is_empty()
             && name.len() <= 255
-            && name.chars().all(|c| {
-                c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c)
-            })
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c))
             && !name.starts_with(['/', '.', '-'])
             && !name.ends_with('/')
             && !name.contains("//")

@@ -152,8 +152,7 @@ pub enum Channel {
 }
 
 impl Channel {
-    pub const ALL: [Channel; 4] =
-        [Channel::Desired, Channel::Reported, Channel::Events, Channel::Online];
+    pub const ALL: [Channel; 4] = [Channel::Desired, Channel::Reported, Channel::Events, Channel::Online];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -227,7 +226,13 @@ impl TryFrom<&str> for BrokerUrl {
             return Err(bad("host may not hold '/', '?', '#', '@' or spaces (no paths or credentials)"));
         }
         let port = match port {
-            None => if tls { 8883 } else { 1883 },
+            None => {
+                if tls {
+                    8883
+                } else {
+                    1883
+                }
+            }
             Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| bad("port is not 1-65535"))?,
         };
         Ok(BrokerUrl { tls, host: host.to_string(), port })
@@ -312,8 +317,7 @@ pub fn open_desired(
     device: &DeviceId,
     key: &VerifyingKey,
 ) -> Result<DesiredState, ProtocolError> {
-    let signed: SignedDesired =
-        codec::decode(bytes, Kind::SignedDesired, DESIRED_SCHEMA, DESIRED_LIMIT)?;
+    let signed: SignedDesired = codec::decode(bytes, Kind::SignedDesired, DESIRED_SCHEMA, DESIRED_LIMIT)?;
     let trusted = KeyId::of(key);
     if signed.key_id != trusted {
         return Err(ProtocolError::UnknownKey { found: signed.key_id, trusted });
@@ -341,8 +345,7 @@ pub fn open_desired(
 /// Reads a `desired` payload WITHOUT checking its signature: for display and
 /// for choosing the next generation on the controller side, never for acting.
 pub fn peek_desired(bytes: &[u8]) -> Result<(KeyId, DesiredBody), ProtocolError> {
-    let signed: SignedDesired =
-        codec::decode(bytes, Kind::SignedDesired, DESIRED_SCHEMA, DESIRED_LIMIT)?;
+    let signed: SignedDesired = codec::decode(bytes, Kind::SignedDesired, DESIRED_SCHEMA, DESIRED_LIMIT)?;
     Ok((signed.key_id, decode_exact(&signed.body)?))
 }
 
@@ -354,8 +357,7 @@ fn signed_message(body: &[u8]) -> Vec<u8> {
 }
 
 fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtocolError> {
-    let (value, rest) =
-        postcard::take_from_bytes(bytes).map_err(|e| ProtocolError::Body(e.to_string()))?;
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| ProtocolError::Body(e.to_string()))?;
     if !rest.is_empty() {
         return Err(ProtocolError::Body(format!("{} trailing bytes", rest.len())));
     }
@@ -516,8 +518,7 @@ pub fn parse_secret_key(text: &str) -> Result<SigningKey, ProtocolError> {
 
 pub fn parse_public_key(text: &str) -> Result<VerifyingKey, ProtocolError> {
     let bytes = key_bytes(text, PUBLIC_KEY_PREFIX, SECRET_KEY_PREFIX)?;
-    VerifyingKey::from_bytes(&bytes)
-        .map_err(|_| ProtocolError::Key("not a valid ed25519 public key".into()))
+    VerifyingKey::from_bytes(&bytes).map_err(|_| ProtocolError::Key("not a valid ed25519 public key".into()))
 }
 
 fn key_bytes(text: &str, want: &str, other: &str) -> Result<[u8; 32], ProtocolError> {
@@ -631,7 +632,18 @@ mod tests {
         assert_eq!((v6.host.as_str(), v6.port), ("::1", 9000));
         assert_eq!(v6.to_string(), "mqtts://[::1]:9000");
         assert_eq!(BrokerUrl::try_from(u.to_string().as_str()).unwrap(), u);
-        for bad in ["", "tcp://h:1", "mqtts://", "mqtts://:1", "mqtt://h:0", "mqtt://h:x", "mqtt://h:70000", "mqtt://u@h", "mqtts://[::1", "mqtt://h/path"] {
+        for bad in [
+            "",
+            "tcp://h:1",
+            "mqtts://",
+            "mqtts://:1",
+            "mqtt://h:0",
+            "mqtt://h:x",
+            "mqtt://h:70000",
+            "mqtt://u@h",
+            "mqtts://[::1",
+            "mqtt://h/path",
+        ] {
             assert!(matches!(BrokerUrl::try_from(bad), Err(ProtocolError::BrokerUrl { .. })), "{bad}");
         }
     }
@@ -653,11 +665,9 @@ mod tests {
         let real = key(1).verifying_key();
         // Signed by another key, with the real key's id claimed.
         let forged = seal_desired(&key(2), &d, &state(7)).unwrap();
-        let mut signed: SignedDesired = codec::decode(&forged, Kind::SignedDesired, 1, DESIRED_LIMIT).unwrap();
-        assert!(matches!(
-            open_desired(&forged, &d, &real),
-            Err(ProtocolError::UnknownKey { .. })
-        ));
+        let mut signed: SignedDesired =
+            codec::decode(&forged, Kind::SignedDesired, 1, DESIRED_LIMIT).unwrap();
+        assert!(matches!(open_desired(&forged, &d, &real), Err(ProtocolError::UnknownKey { .. })));
         signed.key_id = KeyId::of(&real);
         let bytes = codec::encode(Kind::SignedDesired, 1, &signed).unwrap();
         assert_eq!(open_desired(&bytes, &d, &real), Err(ProtocolError::BadSignature));
@@ -687,7 +697,10 @@ mod tests {
         let mut raw = bytes.clone();
         let last = raw.len() - 1;
         raw[last] ^= 0x80;
-        assert!(matches!(open_desired(&raw, &d, &k.verifying_key()), Err(ProtocolError::Codec(CodecError::Crc { .. }))));
+        assert!(matches!(
+            open_desired(&raw, &d, &k.verifying_key()),
+            Err(ProtocolError::Codec(CodecError::Crc { .. }))
+        ));
     }
 
     #[test]
@@ -721,10 +734,7 @@ mod tests {
         let d = dev("pi-1");
         let mut s = state(7);
         s.apps[0].env.insert("BIG".into(), "x".repeat(DESIRED_LIMIT));
-        assert!(matches!(
-            seal_desired(&k, &d, &s),
-            Err(ProtocolError::Codec(CodecError::TooLarge { .. }))
-        ));
+        assert!(matches!(seal_desired(&k, &d, &s), Err(ProtocolError::Codec(CodecError::TooLarge { .. }))));
         // A peer that ignores the limit: the device refuses before looking inside.
         let body = postcard::to_allocvec(&DesiredBody { device: d.clone(), state: s }).unwrap();
         let signature = k.sign(&signed_message(&body)).to_bytes().to_vec();

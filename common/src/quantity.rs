@@ -21,11 +21,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "Ki" => 1 << 10,
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "{s:?} has unknown unit {unit:?} (use Ki, Mi, Gi, K, M or G)"
-            ))
-        }
+        _ => return Err(format!("{s:?} has unknown unit {unit:?} (use Ki, Mi, Gi, K, M or G)")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }

@@ -213,7 +213,11 @@ fn validate_app(cx: &mut Ctx, raw: &RawApp, label: &str) -> Option<AppSpec> {
     };
     let command = raw.command.as_ref().map(|c| {
         if c.get_ref().is_empty() || c.get_ref()[0].is_empty() {
-            cx.err(c.span(), format!("{label}: command"), "must name a program (leave it out to use the image's)");
+            cx.err(
+                c.span(),
+                format!("{label}: command"),
+                "must name a program (leave it out to use the image's)",
+            );
         }
         if c.get_ref().iter().any(|a| a.contains('\0')) {
             cx.err(c.span(), format!("{label}: command"), "contains a NUL byte");
@@ -224,7 +228,11 @@ fn validate_app(cx: &mut Ctx, raw: &RawApp, label: &str) -> Option<AppSpec> {
     for (k, v) in &raw.env {
         let key = k.get_ref();
         if key.is_empty() || key.contains('=') || key.contains('\0') || v.contains('\0') {
-            cx.err(k.span(), format!("{label}: env.{key}"), "variable names must be non-empty, without '=' or NUL");
+            cx.err(
+                k.span(),
+                format!("{label}: env.{key}"),
+                "variable names must be non-empty, without '=' or NUL",
+            );
         }
         env.insert(key.clone(), v.clone());
     }
@@ -239,7 +247,11 @@ fn validate_app(cx: &mut Ctx, raw: &RawApp, label: &str) -> Option<AppSpec> {
         Some(("on-failure", _)) => RestartPolicy::OnFailure,
         Some(("never", _)) => RestartPolicy::Never,
         Some((other, span)) => {
-            cx.err(span, format!("{label}: restart"), format!("{other:?} is not one of always, on-failure, never"));
+            cx.err(
+                span,
+                format!("{label}: restart"),
+                format!("{other:?} is not one of always, on-failure, never"),
+            );
             RestartPolicy::Always
         }
     };
@@ -257,15 +269,27 @@ fn validate_app(cx: &mut Ctx, raw: &RawApp, label: &str) -> Option<AppSpec> {
         let m = m.get_ref();
         let field = format!("{label}: mounts[{i}]");
         if !abs_path_ok(m.source.get_ref()) {
-            cx.err(m.source.span(), format!("{field}.source"), "must be an absolute host path without '.' or '..'");
+            cx.err(
+                m.source.span(),
+                format!("{field}.source"),
+                "must be an absolute host path without '.' or '..'",
+            );
         }
         let target = m.target.get_ref();
         if !abs_path_ok(target) || target == "/" {
-            cx.err(m.target.span(), format!("{field}.target"), "must be an absolute path other than / without '.' or '..'");
+            cx.err(
+                m.target.span(),
+                format!("{field}.target"),
+                "must be an absolute path other than / without '.' or '..'",
+            );
         } else if !targets.insert(target.trim_end_matches('/').to_string()) {
             cx.err(m.target.span(), format!("{field}.target"), format!("{target:?} is mounted twice"));
         }
-        mounts.push(Mount { source: m.source.get_ref().clone(), target: target.clone(), readonly: m.readonly });
+        mounts.push(Mount {
+            source: m.source.get_ref().clone(),
+            target: target.clone(),
+            readonly: m.readonly,
+        });
     }
     let mut devices = Vec::new();
     for (i, d) in raw.devices.iter().enumerate() {
@@ -284,7 +308,8 @@ fn validate_app(cx: &mut Ctx, raw: &RawApp, label: &str) -> Option<AppSpec> {
     let liveness = probe(&raw.liveness, "liveness");
     let readiness = probe(&raw.readiness, "readiness");
     let startup = probe(&raw.startup, "startup");
-    let stop_grace = cx.duration(&raw.stop_grace, format!("{label}: stop_grace"), AppSpec::DEFAULT_STOP_GRACE);
+    let stop_grace =
+        cx.duration(&raw.stop_grace, format!("{label}: stop_grace"), AppSpec::DEFAULT_STOP_GRACE);
     if stop_grace > Duration::from_secs(600) {
         let span = raw.stop_grace.as_ref().map(|s| s.span()).unwrap_or(0..0);
         cx.err(span, format!("{label}: stop_grace"), "must be at most 10m");
@@ -318,14 +343,22 @@ fn validate_resources(cx: &mut Ctx, r: &RawResources, label: &str) -> Resources 
     if let Some(c) = &r.cpus {
         let v = *c.get_ref();
         if !(v.is_finite() && (0.01..=1024.0).contains(&v)) {
-            cx.err(c.span(), format!("{label}: resources.cpus"), format!("{v} is not a number of cores between 0.01 and 1024"));
+            cx.err(
+                c.span(),
+                format!("{label}: resources.cpus"),
+                format!("{v} is not a number of cores between 0.01 and 1024"),
+            );
         } else {
             out.cpu_millis = Some((v * 1000.0).round() as u32);
         }
     }
     if let Some(m) = &r.memory {
         match parse_bytes(m.get_ref()) {
-            Ok(b) if b < MIN_MEMORY => cx.err(m.span(), format!("{label}: resources.memory"), format!("{:?} is below the minimum of 4Mi", m.get_ref())),
+            Ok(b) if b < MIN_MEMORY => cx.err(
+                m.span(),
+                format!("{label}: resources.memory"),
+                format!("{:?} is below the minimum of 4Mi", m.get_ref()),
+            ),
             Ok(b) => out.memory_bytes = Some(b),
             Err(e) => cx.err(m.span(), format!("{label}: resources.memory"), e),
         }
@@ -348,7 +381,11 @@ fn validate_probe(cx: &mut Ctx, p: &Spanned<RawProbe>, label: &str, network: Net
         match u16::try_from(*port.get_ref()) {
             Ok(v) if v > 0 => v,
             _ => {
-                cx.err(port.span(), format!("{label}.{field}.port"), format!("{} is not a port (1-65535)", port.get_ref()));
+                cx.err(
+                    port.span(),
+                    format!("{label}.{field}.port"),
+                    format!("{} is not a port (1-65535)", port.get_ref()),
+                );
                 0
             }
         }
@@ -358,7 +395,11 @@ fn validate_probe(cx: &mut Ctx, p: &Spanned<RawProbe>, label: &str, network: Net
         let port = port(cx, &h.get_ref().port, "http");
         let path = h.get_ref().path.clone();
         if !path.starts_with('/') || path.chars().any(|c| c.is_ascii_control() || c == ' ') {
-            cx.err(h.span(), format!("{label}.http.path"), "must start with / and hold no spaces or control characters");
+            cx.err(
+                h.span(),
+                format!("{label}.http.path"),
+                "must start with / and hold no spaces or control characters",
+            );
         }
         actions.push((h.span(), ProbeAction::Http { port, path }));
     }
@@ -378,7 +419,11 @@ fn validate_probe(cx: &mut Ctx, p: &Spanned<RawProbe>, label: &str, network: Net
     }
     let (span, action) = actions.pop()?;
     if network == NetworkMode::None && !matches!(action, ProbeAction::Exec(_)) {
-        cx.err(span, label.to_string(), "http and tcp probes cannot reach an app with network = \"none\"; use exec");
+        cx.err(
+            span,
+            label.to_string(),
+            "http and tcp probes cannot reach an app with network = \"none\"; use exec",
+        );
     }
     let period = cx.duration(&raw.period, format!("{label}.period"), Probe::DEFAULT_PERIOD);
     // Unset, the timeout is 1s or the period when that is shorter.
@@ -397,12 +442,17 @@ fn validate_probe(cx: &mut Ctx, p: &Spanned<RawProbe>, label: &str, network: Net
         Some(s) => match u32::try_from(*s.get_ref()) {
             Ok(n) if (1..=1000).contains(&n) => n,
             _ => {
-                cx.err(s.span(), format!("{label}.{field}"), format!("{} is not between 1 and 1000", s.get_ref()));
+                cx.err(
+                    s.span(),
+                    format!("{label}.{field}"),
+                    format!("{} is not between 1 and 1000", s.get_ref()),
+                );
                 default
             }
         },
     };
-    let failure_threshold = threshold(cx, &raw.failure_threshold, "failure_threshold", Probe::DEFAULT_FAILURE_THRESHOLD);
+    let failure_threshold =
+        threshold(cx, &raw.failure_threshold, "failure_threshold", Probe::DEFAULT_FAILURE_THRESHOLD);
     let success_threshold = threshold(cx, &raw.success_threshold, "success_threshold", 1);
     if cx.errors.len() > before {
         return None;
@@ -450,7 +500,10 @@ exec = ["cat", "/tmp/ok"]
         assert_eq!(s.apps.len(), 2);
         let web = &s.apps[1];
         assert_eq!(web.name.as_str(), "web");
-        assert_eq!(web.resources, Resources { cpu_millis: Some(500), memory_bytes: Some(32 << 20), pids: Some(64) });
+        assert_eq!(
+            web.resources,
+            Resources { cpu_millis: Some(500), memory_bytes: Some(32 << 20), pids: Some(64) }
+        );
         let live = web.liveness.as_ref().unwrap();
         assert_eq!(live.action, ProbeAction::Http { port: 8080, path: "/".into() });
         assert_eq!(live.period, Duration::from_secs(5));
@@ -488,10 +541,14 @@ exec = ["cat", "/tmp/ok"]
         let e = one_error("[[app]]\nname = \"a\"\nimage = \"b\"\n[app.resources]\npids = 0\n");
         assert_eq!(e.field, "app \"a\": resources.pids");
 
-        let e = one_error("[[app]]\nname = \"a\"\nimage = \"b\"\nnetwork = \"none\"\n[app.liveness]\ntcp = { port = 80 }\n");
+        let e = one_error(
+            "[[app]]\nname = \"a\"\nimage = \"b\"\nnetwork = \"none\"\n[app.liveness]\ntcp = { port = 80 }\n",
+        );
         assert!(e.message.contains("network"), "{e}");
 
-        let e = one_error("[[app]]\nname = \"a\"\nimage = \"b\"\n[app.liveness]\ntcp = { port = 80 }\nexec = [\"true\"]\n");
+        let e = one_error(
+            "[[app]]\nname = \"a\"\nimage = \"b\"\n[app.liveness]\ntcp = { port = 80 }\nexec = [\"true\"]\n",
+        );
         assert!(e.message.contains("exactly one"), "{e}");
 
         let e = one_error("[[app]]\nname = \"a\"\nimage = \"b\"\n[app.liveness]\ntcp = { port = 80 }\nperiod = \"1s\"\ntimeout = \"2s\"\n");
@@ -506,13 +563,18 @@ exec = ["cat", "/tmp/ok"]
         let e = one_error("[[app]\n");
         assert_eq!(e.line, 1);
 
-        let e = one_error("[[app]]\nname = \"a\"\nimage = \"b\"\nmounts = [{ source = \"rel\", target = \"/d\" }]\n");
+        let e = one_error(
+            "[[app]]\nname = \"a\"\nimage = \"b\"\nmounts = [{ source = \"rel\", target = \"/d\" }]\n",
+        );
         assert_eq!(e.field, "app \"a\": mounts[0].source");
     }
 
     #[test]
     fn short_period_shortens_the_default_timeout() {
-        let s = parse("[[app]]\nname = \"a\"\nimage = \"b\"\n[app.liveness]\ntcp = { port = 80 }\nperiod = \"300ms\"\n").unwrap();
+        let s = parse(
+            "[[app]]\nname = \"a\"\nimage = \"b\"\n[app.liveness]\ntcp = { port = 80 }\nperiod = \"300ms\"\n",
+        )
+        .unwrap();
         assert_eq!(s.apps[0].liveness.as_ref().unwrap().timeout, Duration::from_millis(300));
     }
 

@@ -63,13 +63,13 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
     let key = keys::read_secret(&args.key)?;
 
     let mut conn = Conn::connect(&args.broker, random_client_id(), true).await?;
-    let filters: Vec<String> = devices
-        .iter()
-        .flat_map(|d| [topic(d, Channel::Desired), topic(d, Channel::Reported)])
-        .collect();
+    let filters: Vec<String> =
+        devices.iter().flat_map(|d| [topic(d, Channel::Desired), topic(d, Channel::Reported)]).collect();
     let mut current: BTreeMap<DeviceId, u64> = devices.iter().map(|d| (d.clone(), 0)).collect();
     for p in conn.collect(&filters).await? {
-        let Ok((device, channel)) = parse_topic(&p.topic) else { continue };
+        let Ok((device, channel)) = parse_topic(&p.topic) else {
+            continue;
+        };
         let generation = match channel {
             // Unverified: only used to stay above it.
             Channel::Desired => peek_desired(&p.payload).ok().map(|(_, b)| b.state.generation),
@@ -113,15 +113,12 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
 
 fn targets(args: &ApplyArgs) -> Result<Vec<DeviceId>> {
     if let (Some(group), Some(path)) = (&args.group, &args.fleet) {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         return fleet::group_devices(&text, group).with_context(|| format!("{}", path.display()));
     }
-    let mut out = args
-        .devices
-        .iter()
-        .map(|d| DeviceId::try_from(d.as_str()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut out =
+        args.devices.iter().map(|d| DeviceId::try_from(d.as_str())).collect::<Result<Vec<_>, _>>()?;
     out.sort();
     out.dedup();
     Ok(out)

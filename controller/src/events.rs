@@ -11,9 +11,7 @@ use crate::show::utc;
 use anyhow::Result;
 use clap::Args;
 use rumqttc::{Event, Packet, Publish};
-use skiff_common::protocol::{
-    decode_event, filter_all, parse_topic, topic, Channel, DeviceId,
-};
+use skiff_common::protocol::{decode_event, filter_all, parse_topic, topic, Channel, DeviceId};
 use std::time::Duration;
 
 #[derive(Args)]
@@ -35,11 +33,8 @@ pub struct EventsArgs {
 }
 
 pub async fn events(args: EventsArgs) -> Result<()> {
-    let devices = args
-        .devices
-        .iter()
-        .map(|d| DeviceId::try_from(d.as_str()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let devices =
+        args.devices.iter().map(|d| DeviceId::try_from(d.as_str())).collect::<Result<Vec<_>, _>>()?;
     let filters: Vec<String> = if devices.is_empty() {
         vec![filter_all(Channel::Events)]
     } else {
@@ -79,7 +74,9 @@ pub async fn events(args: EventsArgs) -> Result<()> {
 }
 
 fn print_event(p: &Publish, json: bool) {
-    let Ok((device, Channel::Events)) = parse_topic(&p.topic) else { return };
+    let Ok((device, Channel::Events)) = parse_topic(&p.topic) else {
+        return;
+    };
     let e = match decode_event(&p.payload) {
         Ok(e) => e,
         Err(err) => {

@@ -61,7 +61,8 @@ pub fn group_devices(text: &str, group: &str) -> Result<Vec<DeviceId>, FleetErro
 mod tests {
     use super::*;
 
-    const FLEET: &str = "[group.line-1]\ndevices = [\"pi-2\", \"pi-1\", \"pi-2\"]\n\n[group.empty]\ndevices = []\n";
+    const FLEET: &str =
+        "[group.line-1]\ndevices = [\"pi-2\", \"pi-1\", \"pi-2\"]\n\n[group.empty]\ndevices = []\n";
 
     #[test]
     fn groups_resolve_sorted_and_unique() {

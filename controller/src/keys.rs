@@ -3,9 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use skiff_common::protocol::{
-    parse_secret_key, public_key_text, secret_key_text, KeyId, SigningKey,
-};
+use skiff_common::protocol::{parse_secret_key, public_key_text, secret_key_text, KeyId, SigningKey};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -24,8 +22,7 @@ pub struct KeygenArgs {
 }
 
 pub fn keygen(args: &KeygenArgs) -> Result<()> {
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
     let secret = args.out.join(SECRET_FILE);
     let public = args.out.join(PUBLIC_FILE);

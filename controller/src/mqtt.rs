@@ -9,8 +9,8 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, Publish, QoS,
-    SubscribeFilter, SubscribeReasonCode, Transport,
+    AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, Publish, QoS, SubscribeFilter,
+    SubscribeReasonCode, Transport,
 };
 use skiff_common::protocol::{BrokerUrl, PACKET_LIMIT, TOPIC_PREFIX};
 use std::path::PathBuf;
@@ -66,7 +66,9 @@ impl Conn {
                 };
                 o.set_transport(Transport::tls(read(ca)?, identity, None));
             }
-            (true, None) => bail!("{url} is TLS: --ca is needed (and --cert/--tls-key for a client certificate)"),
+            (true, None) => {
+                bail!("{url} is TLS: --ca is needed (and --cert/--tls-key for a client certificate)")
+            }
             (false, _) if args.ca.is_some() || args.cert.is_some() => {
                 bail!("{url} is plain MQTT but TLS files were given; use mqtts://")
             }
@@ -88,10 +90,7 @@ impl Conn {
 
     /// The next event from the broker; a lost connection is an error.
     pub async fn poll(&mut self) -> Result<Event> {
-        self.eventloop
-            .poll()
-            .await
-            .map_err(|e| anyhow!("connection to {} lost: {e}", self.url))
+        self.eventloop.poll().await.map_err(|e| anyhow!("connection to {} lost: {e}", self.url))
     }
 
     /// Subscribes to `filters` (QoS 1) and returns every message delivered
@@ -114,18 +113,19 @@ impl Conn {
                 Event::Incoming(Packet::SubAck(a)) => {
                     for (code, f) in a.return_codes.iter().zip(filters.iter().chain([&marker])) {
                         if matches!(code, SubscribeReasonCode::Failure) {
-                            bail!("{} refused the subscription to {f}: check its ACL for this client", self.url);
+                            bail!(
+                                "{} refused the subscription to {f}: check its ACL for this client",
+                                self.url
+                            );
                         }
                     }
-                    self.client
-                        .publish(marker.clone(), QoS::AtLeastOnce, false, nonce.clone())
-                        .await?;
+                    self.client.publish(marker.clone(), QoS::AtLeastOnce, false, nonce.clone()).await?;
                 }
-                Event::Incoming(Packet::Publish(p)) if p.topic == marker => {
-                    if p.payload[..] == nonce[..] {
-                        return Ok(out);
-                    }
+                Event::Incoming(Packet::Publish(p)) if p.topic == marker && p.payload[..] == nonce[..] => {
+                    return Ok(out);
                 }
+                // A marker of an earlier run, queued in a persistent session.
+                Event::Incoming(Packet::Publish(p)) if p.topic == marker => {}
                 Event::Incoming(Packet::Publish(p)) => out.push(p),
                 _ => {}
             }

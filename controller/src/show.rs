@@ -20,12 +20,7 @@ pub fn utc(secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// How long ago `then` was, seen from `now`: `42s ago`, `5m ago`, `3h ago`,
@@ -34,7 +29,9 @@ pub fn ago(then: u64, now: u64) -> String {
     if then == 0 {
         return "-".into();
     }
-    let Some(d) = now.checked_sub(then) else { return "ahead".into() };
+    let Some(d) = now.checked_sub(then) else {
+        return "ahead".into();
+    };
     match d {
         0..=119 => format!("{d}s ago"),
         120..=7199 => format!("{}m ago", d / 60),
@@ -88,7 +85,8 @@ mod tests {
 
     #[test]
     fn tables_align() {
-        let t = table(&[vec!["A".into(), "BB".into(), "C".into()], vec!["aaa".into(), "b".into(), "".into()]]);
+        let t =
+            table(&[vec!["A".into(), "BB".into(), "C".into()], vec!["aaa".into(), "b".into(), "".into()]]);
         assert_eq!(t, "A    BB  C\naaa  b\n");
     }
 }

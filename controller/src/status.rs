@@ -44,11 +44,7 @@ pub struct DeviceView {
 }
 
 pub async fn status(args: StatusArgs) -> Result<()> {
-    let only = args
-        .devices
-        .iter()
-        .map(|d| DeviceId::try_from(d.as_str()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let only = args.devices.iter().map(|d| DeviceId::try_from(d.as_str())).collect::<Result<Vec<_>, _>>()?;
     let mut conn = Conn::connect(&args.broker, random_client_id(), true).await?;
     let filters = [Channel::Desired, Channel::Reported, Channel::Online].map(filter_all);
     let messages = conn.collect(&filters).await?;
@@ -56,7 +52,9 @@ pub async fn status(args: StatusArgs) -> Result<()> {
 
     let mut devices: BTreeMap<DeviceId, DeviceView> = BTreeMap::new();
     for p in messages {
-        let Ok((device, channel)) = parse_topic(&p.topic) else { continue };
+        let Ok((device, channel)) = parse_topic(&p.topic) else {
+            continue;
+        };
         if !only.is_empty() && !only.contains(&device) {
             continue;
         }
@@ -103,7 +101,8 @@ pub async fn status(args: StatusArgs) -> Result<()> {
 
 fn render(views: &[DeviceView], now: u64) -> String {
     let opt = |g: Option<u64>| g.map_or("-".to_string(), |g| g.to_string());
-    let mut rows = vec![["DEVICE", "ONLINE", "DESIRED", "APPLIED", "SEEN", "APPS"].map(String::from).to_vec()];
+    let mut rows =
+        vec![["DEVICE", "ONLINE", "DESIRED", "APPLIED", "SEEN", "APPS"].map(String::from).to_vec()];
     for v in views {
         let online = match v.online {
             Some(true) => "yes",
@@ -160,10 +159,7 @@ fn render(views: &[DeviceView], now: u64) -> String {
 
 /// The kebab-case name serde gives a unit enum variant.
 fn serde_plain<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
+    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| "?".into())
 }
 
 #[cfg(test)]

@@ -79,8 +79,22 @@ async fn keygen_apply_status_events() -> Result<()> {
 
     // An invalid file: every error with file:line:col, nothing published.
     let bad = tmp.path().join("bad.toml");
-    std::fs::write(&bad, "[[app]]\nname = \"Web\"\nimage = \"busybox\"\n\n[[app]]\nname = \"-db\"\nimage = \"busybox\"\n")?;
-    let out = skiffctl(&["apply", "-f", &s(&bad), "--device", "pi-1", "--key", &s(&secret), "--broker", "mqtt://127.0.0.1:9"]).await?;
+    std::fs::write(
+        &bad,
+        "[[app]]\nname = \"Web\"\nimage = \"busybox\"\n\n[[app]]\nname = \"-db\"\nimage = \"busybox\"\n",
+    )?;
+    let out = skiffctl(&[
+        "apply",
+        "-f",
+        &s(&bad),
+        "--device",
+        "pi-1",
+        "--key",
+        &s(&secret),
+        "--broker",
+        "mqtt://127.0.0.1:9",
+    ])
+    .await?;
     assert!(!out.ok);
     assert!(out.stderr.contains(&format!("{}:2:8: app[0].name:", bad.display())), "{}", out.stderr);
     assert!(out.stderr.contains(&format!("{}:6:8: app[1].name:", bad.display())), "{}", out.stderr);
@@ -94,14 +108,21 @@ async fn keygen_apply_status_events() -> Result<()> {
     std::fs::write(&apps, "[[app]]\nname = \"web\"\nimage = \"busybox:1\"\ncommand = [\"httpd\", \"-f\"]\n")?;
     let fleet = tmp.path().join("fleet.toml");
     std::fs::write(&fleet, "[group.line-1]\ndevices = [\"pi-1\", \"pi-2\"]\n")?;
-    let mut apply = vec!["apply", "-f", &s(&apps), "--key", &s(&secret)].into_iter().map(String::from).collect::<Vec<_>>();
+    let mut apply = vec!["apply", "-f", &s(&apps), "--key", &s(&secret)]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
     apply.extend(tls_args(&broker));
     let mut by_group = apply.clone();
     by_group.extend(["--group", "line-1", "--fleet"].map(String::from));
     by_group.push(s(&fleet));
     let out = run(by_group).await?;
     ensure!(out.ok, "apply: {}", out.stderr);
-    assert!(out.stdout.contains("pi-1: generation") && out.stdout.contains("pi-2: generation"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("pi-1: generation") && out.stdout.contains("pi-2: generation"),
+        "{}",
+        out.stdout
+    );
     let g1 = generation_of(&out.stdout)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     assert!(g1 >= now - 5 && g1 <= now + 1, "generation {g1} is not about the time {now}");
@@ -150,7 +171,10 @@ async fn keygen_apply_status_events() -> Result<()> {
     let pi1 = &devices[0];
     assert_eq!(pi1["device"], "pi-1");
     assert_eq!(pi1["online"], true);
-    assert_eq!((pi1["desired_generation"].as_u64(), pi1["applied_generation"].as_u64()), (Some(g1), Some(g1)));
+    assert_eq!(
+        (pi1["desired_generation"].as_u64(), pi1["applied_generation"].as_u64()),
+        (Some(g1), Some(g1))
+    );
     assert_eq!(pi1["apps"][0]["name"], "web");
     assert_eq!(pi1["apps"][0]["live"], "passing");
     assert!(pi1["last_seen_unix"].as_u64().is_some());

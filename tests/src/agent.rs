@@ -38,7 +38,8 @@ pub fn busybox_image() -> &'static Path {
     IMG.get_or_init(|| {
         let dir = repo().join("images/out/busybox");
         if !dir.join("index.json").exists() {
-            let status = Command::new("bash").arg(repo().join("images/build.sh")).status().expect("images/build.sh");
+            let status =
+                Command::new("bash").arg(repo().join("images/build.sh")).status().expect("images/build.sh");
             assert!(status.success(), "images/build.sh failed");
         }
         dir
@@ -71,6 +72,12 @@ pub struct Sandbox {
     agent: Option<Child>,
     /// Extra flags for `skiff agent`.
     pub agent_args: Vec<String>,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Sandbox {
@@ -123,7 +130,11 @@ impl Sandbox {
 
     pub fn start_agent(&mut self) {
         assert!(self.agent.is_none(), "agent already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
         let mut args = vec!["agent".to_string()];
         args.extend(self.agent_args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -131,7 +142,9 @@ impl Sandbox {
         self.agent = Some(child);
         let sock = self.run_dir().join("skiff.sock");
         // A dead agent leaves its socket file: wait for one that answers.
-        wait_for(Duration::from_secs(10), "the agent's socket", || std::os::unix::net::UnixStream::connect(&sock).ok());
+        wait_for(Duration::from_secs(10), "the agent's socket", || {
+            std::os::unix::net::UnixStream::connect(&sock).ok()
+        });
     }
 
     pub fn agent_pid(&self) -> Option<u32> {
@@ -153,7 +166,12 @@ impl Sandbox {
     /// `skiff ps --json`.
     pub fn ps(&self) -> Value {
         let out = self.skiff(&["ps", "--json"]);
-        assert!(out.status.success(), "ps failed: {}\nagent log:\n{}", String::from_utf8_lossy(&out.stderr), self.agent_log());
+        assert!(
+            out.status.success(),
+            "ps failed: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.agent_log()
+        );
         serde_json::from_slice(&out.stdout).expect("ps --json output")
     }
 
@@ -172,14 +190,19 @@ impl Sandbox {
                 return a;
             }
             if Instant::now() > end {
-                panic!("timed out waiting for {app} to be {what}; last: {a}\nagent log:\n{}", self.agent_log());
+                panic!(
+                    "timed out waiting for {app} to be {what}; last: {a}\nagent log:\n{}",
+                    self.agent_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn wait_running(&self, app: &str) -> Value {
-        self.wait_app(app, Duration::from_secs(30), "running", |a| a["phase"] == "running" && a["pid"].is_i64())
+        self.wait_app(app, Duration::from_secs(30), "running", |a| {
+            a["phase"] == "running" && a["pid"].is_i64()
+        })
     }
 
     pub fn logs(&self, app: &str) -> String {

@@ -46,12 +46,7 @@ impl Broker {
     pub fn start(clients: &[&str]) -> Result<Broker> {
         let dir = tempfile::Builder::new().prefix("skiff-mqtt-").tempdir()?;
         make_certs(dir.path(), clients)?;
-        let broker = Broker {
-            device_port: free_port()?,
-            controller_port: free_port()?,
-            dir,
-            child: None,
-        };
+        let broker = Broker { device_port: free_port()?, controller_port: free_port()?, dir, child: None };
         broker.write_config()?;
         let mut broker = broker;
         broker.run()?;
@@ -342,7 +337,8 @@ impl FreezingProxy {
             while let Ok((inbound, _)) = listener.accept().await {
                 let rx = rx.clone();
                 tokio::spawn(async move {
-                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await else {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    else {
                         return;
                     };
                     let (ri, wi) = inbound.into_split();
@@ -394,11 +390,7 @@ fn free_port() -> Result<u16> {
 }
 
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .context("cannot run openssl")?;
+    let out = Command::new("openssl").args(args).current_dir(dir).output().context("cannot run openssl")?;
     if !out.status.success() {
         bail!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     }
@@ -412,9 +404,18 @@ fn make_certs(dir: &Path, clients: &[&str]) -> Result<()> {
     let mut ca = vec!["req", "-x509"];
     ca.extend(ec);
     ca.extend([
-        "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=skiff-test-ca",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=skiff-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
     ]);
     openssl(dir, &ca)?;
     std::fs::write(
@@ -435,8 +436,21 @@ fn make_certs(dir: &Path, clients: &[&str]) -> Result<()> {
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "2", "-extfile", ext, "-out", &crt,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+                "-out",
+                &crt,
             ],
         )?;
     }

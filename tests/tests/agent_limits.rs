@@ -77,7 +77,9 @@ pids = 10
     );
     sb.wait_running("forker");
     let current = sb.cgroup_file("pids", "forker", "pids.current");
-    wait_for(Duration::from_secs(20), "the fork loop to finish", || sb.logs("forker").contains("spawned").then_some(()));
+    wait_for(Duration::from_secs(20), "the fork loop to finish", || {
+        sb.logs("forker").contains("spawned").then_some(())
+    });
     let n: u32 = std::fs::read_to_string(&current).unwrap().trim().parse().unwrap();
     assert!(n <= 10, "pids.current = {n}");
     assert_eq!(std::fs::read_to_string(sb.cgroup_file("pids", "forker", "pids.max")).unwrap().trim(), "10");

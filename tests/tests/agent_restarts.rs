@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 fn fast_backoff() -> Sandbox {
     let mut sb = Sandbox::new();
-    sb.agent_args = ["--backoff-base", "300ms", "--backoff-max", "5s"].iter().map(|s| s.to_string()).collect();
+    sb.agent_args =
+        ["--backoff-base", "300ms", "--backoff-max", "5s"].iter().map(|s| s.to_string()).collect();
     sb.start_agent();
     sb
 }
@@ -110,8 +111,10 @@ failure_threshold = 2
 "#
     ));
     for app in ["http-dead", "tcp-dead", "exec-dead"] {
-        let a = sb.wait_app(app, Duration::from_secs(30), "restarted by its liveness probe", |a| a["restarts"].as_u64() >= Some(1));
-        assert_eq!(a["last_exit"]["signal"].as_i64().is_some(), true, "killed by a signal: {a}");
+        let a = sb.wait_app(app, Duration::from_secs(30), "restarted by its liveness probe", |a| {
+            a["restarts"].as_u64() >= Some(1)
+        });
+        assert!(a["last_exit"]["signal"].as_i64().is_some(), "killed by a signal: {a}");
     }
     assert!(sb.agent_log().contains("unhealthy"), "{}", sb.agent_log());
 }
@@ -169,9 +172,12 @@ fn changed_spec_replaces_and_removed_app_stops() {
     sb.apply(v1);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(sb.app("a")["pid"], a1["pid"]);
-    let v2 = "[[app]]\nname = \"a\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"601\"]\nstop_grace = \"1s\"\n";
+    let v2 =
+        "[[app]]\nname = \"a\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"601\"]\nstop_grace = \"1s\"\n";
     sb.apply(v2);
-    let a2 = sb.wait_app("a", Duration::from_secs(20), "replaced", |a| a["phase"] == "running" && a["pid"] != a1["pid"]);
+    let a2 = sb.wait_app("a", Duration::from_secs(20), "replaced", |a| {
+        a["phase"] == "running" && a["pid"] != a1["pid"]
+    });
     assert!(a2["pid"].is_i64());
     wait_for(Duration::from_secs(20), "b to be gone", || sb.app("b").is_null().then_some(()));
     let bpid = b1["pid"].as_i64().unwrap();

@@ -41,7 +41,9 @@ fn killed_agent_leaves_containers_running_and_new_agent_adopts_them() {
     // The restart policy still applies to an adopted container.
     let pid = one2["pid"].as_i64().unwrap() as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let one3 = sb.wait_app("one", Duration::from_secs(20), "restarted", |a| a["restarts"] == 1 && a["phase"] == "running");
+    let one3 = sb.wait_app("one", Duration::from_secs(20), "restarted", |a| {
+        a["restarts"] == 1 && a["phase"] == "running"
+    });
     assert_ne!(one3["pid"], one2["pid"]);
     assert_eq!(one3["last_exit"]["signal"], 9);
     // An adopted app that exits cleanly under on-failure stays down.

@@ -32,13 +32,18 @@ fn power_cut_during_apply_leaves_old_or_new_state() {
     let mut current_is_old = true;
     for i in 0..200 {
         let target = if current_is_old { "new.toml" } else { "old.toml" };
-        let mut child = sb.cmd(&["apply", "-f", dir.join(target).to_str().unwrap()]).stdout(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = sb
+            .cmd(&["apply", "-f", dir.join(target).to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let delay = span.mul_f64(rand::random::<f64>() * 1.2);
         std::thread::sleep(delay);
         let _ = child.kill(); // SIGKILL: no cleanup, no flush
         let _ = child.wait();
         let bytes = std::fs::read(&state_file).unwrap_or_else(|e| panic!("cut {i}: state file gone: {e}"));
-        let state = state_file::decode(&bytes).unwrap_or_else(|e| panic!("cut {i} after {delay:?}: state file corrupt: {e}"));
+        let state = state_file::decode(&bytes)
+            .unwrap_or_else(|e| panic!("cut {i} after {delay:?}: state file corrupt: {e}"));
         if state.apps == old {
             saw_old += 1;
             current_is_old = true;
@@ -65,7 +70,10 @@ fn expect_invalid(sb: &Sandbox, toml: &str, line_col: &str, needle: &str) {
         let out = sb.skiff(&[cmd, "-f", f.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(3), "{cmd}: exit code; stderr: {err}");
-        assert!(err.contains(&format!("bad.toml:{line_col}")), "{cmd}: no file:line:col {line_col} in: {err}");
+        assert!(
+            err.contains(&format!("bad.toml:{line_col}")),
+            "{cmd}: no file:line:col {line_col} in: {err}"
+        );
         assert!(err.contains(needle), "{cmd}: {needle:?} not in: {err}");
     }
     let after = std::fs::read(sb.state_dir().join("desired.skf")).unwrap();
@@ -88,9 +96,21 @@ fn bad_files_are_rejected_clearly_and_change_nothing() {
     expect_invalid(&sb, &format!("{head}restart = \"sometimes\"\n"), "4:11", "restart");
     expect_invalid(&sb, &format!("{head}image = \"x\"\n"), "4:", "duplicate key");
     expect_invalid(&sb, "[[app]]\nname = \"web\"\nimage = \"BusyBox\"\n", "3:9", "image");
-    expect_invalid(&sb, &format!("{head}[app.liveness]\nhttp = {{ port = 70000 }}\n"), "5:17", "liveness.http.port");
+    expect_invalid(
+        &sb,
+        &format!("{head}[app.liveness]\nhttp = {{ port = 70000 }}\n"),
+        "5:17",
+        "liveness.http.port",
+    );
     expect_invalid(&sb, &format!("{head}devices = [\"/etc/passwd\"]\n"), "4:12", "devices[0]");
     expect_invalid(&sb, "[[app]\n", "1:", "");
+    // A valid file naming an image that is not loaded would take the app down.
+    let f = sb.dir.path().join("noimage.toml");
+    std::fs::write(&f, "[[app]]\nname = \"keep\"\nimage = \"busybox:2\"\ncommand = [\"sleep\", \"600\"]\n")
+        .unwrap();
+    let out = sb.skiff(&["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("image busybox:2 is not in the image store"));
     // What runs keeps running, untouched.
     std::thread::sleep(Duration::from_millis(1500));
     let now = sb.app("keep");

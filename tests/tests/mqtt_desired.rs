@@ -6,8 +6,8 @@ use anyhow::{bail, Result};
 use rumqttc::QoS;
 use skiff_common::codec::{self, Kind};
 use skiff_common::protocol::{
-    decode_event, decode_reported, seal_desired, topic, Channel, DeviceId, EventKind, KeyId,
-    Reported, SignedDesired, SigningKey, DESIRED_LIMIT,
+    decode_event, decode_reported, seal_desired, topic, Channel, DeviceId, EventKind, KeyId, Reported,
+    SignedDesired, SigningKey, DESIRED_LIMIT,
 };
 use skiff_common::Origin;
 use skiff_tests::mqtt::link::{self, Incoming};
@@ -146,7 +146,13 @@ async fn refused_states_are_acknowledged_reported_and_never_applied() -> Result<
             kinds.push((e.kind, e.detail));
         }
     }
-    let expect = ["key", "signature does not verify", "not a skiff envelope", "over the limit", "addressed to device \"pi-2\""];
+    let expect = [
+        "key",
+        "signature does not verify",
+        "not a skiff envelope",
+        "over the limit",
+        "addressed to device \"pi-2\"",
+    ];
     for (i, (what, needle)) in bad.iter().map(|b| b.0).zip(expect).enumerate() {
         assert_eq!(kinds[i].0, EventKind::Rejected, "{what}: {kinds:?}");
         assert!(kinds[i].1.contains(needle), "{what}: {:?} lacks {needle:?}", kinds[i].1);
@@ -221,6 +227,44 @@ async fn the_retained_state_is_applied_once_and_survives_reconnects() -> Result<
         .into_iter()
         .filter(|p| p.topic.ends_with("/events"))
         .collect();
-    assert!(extra.iter().all(|p| decode_event(&p.payload).map(|e| e.kind != EventKind::Rejected).unwrap_or(true)));
+    assert!(extra
+        .iter()
+        .all(|p| decode_event(&p.payload).map(|e| e.kind != EventKind::Rejected).unwrap_or(true)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_state_that_could_not_be_persisted_is_handed_over_again() -> Result<()> {
+    let broker = Broker::start(&["pi-1"])?;
+    let key = SigningKey::from_bytes(&rand::random());
+    let dev = DeviceId::try_from("pi-1")?;
+    let cfg = broker.link_config("pi-1", key.verifying_key().to_bytes());
+    let mut events = observe(&broker, "observer", &dev, &[Channel::Events]).await?;
+    let mut ctl = broker.controller("ctl", true)?;
+    ctl.connected(1).await?;
+    let (h, mut rx) = link::spawn(cfg.clone(), 0)?;
+    connected(&h).await?;
+    let payload = seal_desired(&key, &dev, &controller_state(4))?;
+    ctl.client.publish(topic(&dev, Channel::Desired), QoS::AtLeastOnce, false, payload).await?;
+
+    for attempt in 0..2 {
+        let Incoming::Desired { state, persisted } = next_desired(&mut rx, S5).await?;
+        assert_eq!(state.generation, 4, "attempt {attempt}");
+        persisted.send(Err("No space left on device".into())).expect("link waits");
+        let e = decode_event(&events.next_on("/events", S5).await?.payload)?;
+        assert_eq!(e.kind, EventKind::Error);
+        assert!(e.detail.contains("generation 4 not persisted: No space left on device"), "{e:?}");
+    }
+    let Incoming::Desired { state, persisted } = next_desired(&mut rx, S5).await?;
+    assert_eq!(state.generation, 4);
+    persisted.send(Ok(())).expect("link waits");
+    let e = decode_event(&events.next_on("/events", S5).await?.payload)?;
+    assert_eq!(e.kind, EventKind::Accepted);
+
+    // Persisted once, acknowledged once: nothing comes back.
+    drop((h, rx));
+    let (h, mut rx) = link::spawn(cfg, 4)?;
+    connected(&h).await?;
+    assert!(next_desired(&mut rx, Duration::from_secs(1)).await.is_err());
     Ok(())
 }

@@ -52,13 +52,26 @@ async fn a_frozen_broker_is_detected_and_the_link_comes_back() -> Result<()> {
     let e = decode_event(&obs.next_on("/events", Duration::from_secs(5)).await?.payload)?;
     assert_eq!(e.detail, "while frozen");
     obs.client
-        .publish(topic(&dev, Channel::Desired), QoS::AtLeastOnce, false, seal_desired(&key, &dev, &controller_state(3))?)
+        .publish(
+            topic(&dev, Channel::Desired),
+            QoS::AtLeastOnce,
+            false,
+            seal_desired(&key, &dev, &controller_state(3))?,
+        )
         .await?;
-    let Some(Incoming::Desired { state, persisted }) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await? else {
+    let Some(Incoming::Desired { state, persisted }) =
+        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await?
+    else {
         panic!("link ended");
     };
     assert_eq!(state.generation, 3);
     let _ = persisted.send(Ok(()));
+    // The old connection's last will ("0") came before the new "1".
+    let mut fresh = broker.controller("fresh", true)?;
+    fresh.connected(1).await?;
+    fresh.client.subscribe(topic(&dev, Channel::Online), QoS::AtLeastOnce).await?;
+    let online = fresh.next_on("/online", Duration::from_secs(5)).await?;
+    assert_eq!((online.retain, &online.payload[..]), (true, &b"1"[..]));
     eprintln!("frozen broker detected in {detected:?}, reconnected {back:?} after the thaw");
     Ok(())
 }

@@ -79,7 +79,10 @@ mod board {
             let path = dir.path().join("sd.img");
             run_script(
                 "cross/qemu/mkdisk.sh",
-                Command::new("bash").arg(repo().join("cross/qemu/mkdisk.sh")).arg(&path).arg(size_mib.to_string()),
+                Command::new("bash")
+                    .arg(repo().join("cross/qemu/mkdisk.sh"))
+                    .arg(&path)
+                    .arg(size_mib.to_string()),
             );
             Disk { _dir: dir, path }
         }
@@ -296,7 +299,8 @@ mod board {
             let now = Instant::now();
             let wake = cut_at.map_or(deadline, |c| c.min(deadline));
             if now >= wake {
-                killed = Some(if cut_at.is_some_and(|c| now >= c) { Ending::PowerCut } else { Ending::TimedOut });
+                killed =
+                    Some(if cut_at.is_some_and(|c| now >= c) { Ending::PowerCut } else { Ending::TimedOut });
                 running.kill();
                 break;
             }
@@ -417,7 +421,12 @@ while :; do echo "unsynced $i" >> junk; i=$((i + 1)); done
         timeout: Duration::from_secs(60),
         cut: Some(PowerCut { after_line: "PERSIST-WRITTEN".into(), delay }),
     });
-    assert_eq!(cut.ending, Ending::PowerCut, "boot 1 was to be cut {delay:?} after the write\n{}", cut.transcript());
+    assert_eq!(
+        cut.ending,
+        Ending::PowerCut,
+        "boot 1 was to be cut {delay:?} after the write\n{}",
+        cut.transcript()
+    );
 
     let read = r#"
 set -eu

@@ -5,25 +5,14 @@ use super::{ImageInfo, ImageStore};
 use skiff_common::ImageRef;
 use std::path::Path;
 
-pub fn cli_load(
-    store: &ImageStore,
-    path: &Path,
-    name: Option<&str>,
-    json: bool,
-) -> anyhow::Result<()> {
+pub fn cli_load(store: &ImageStore, path: &Path, name: Option<&str>, json: bool) -> anyhow::Result<()> {
     let name = name.map(ImageRef::try_from).transpose()?;
     let loaded = store.load(path, name.as_ref())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&loaded)?);
     } else {
         for i in &loaded {
-            println!(
-                "Loaded {} ({}, {}, {})",
-                i.reference,
-                short(&i.digest),
-                i.platform,
-                human(i.size)
-            );
+            println!("Loaded {} ({}, {}, {})", i.reference, short(&i.digest), i.platform, human(i.size));
         }
     }
     Ok(())
@@ -42,14 +31,7 @@ pub fn cli_ls(store: &ImageStore, json: bool) -> anyhow::Result<()> {
 fn table(images: &[ImageInfo]) -> String {
     let rows: Vec<[String; 4]> = images
         .iter()
-        .map(|i| {
-            [
-                i.reference.clone(),
-                short(&i.digest).to_string(),
-                i.platform.clone(),
-                human(i.size),
-            ]
-        })
+        .map(|i| [i.reference.clone(), short(&i.digest).to_string(), i.platform.clone(), human(i.size)])
         .collect();
     let head = ["REFERENCE", "DIGEST", "PLATFORM", "SIZE"].map(String::from);
     let mut width = [0; 4];

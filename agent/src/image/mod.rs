@@ -73,10 +73,7 @@ pub enum ImageError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{what}: bad JSON: {source}")]
-    Json {
-        what: String,
-        source: serde_json::Error,
-    },
+    Json { what: String, source: serde_json::Error },
     #[error("{path}: not a usable OCI image layout: {reason}")]
     Layout { path: PathBuf, reason: String },
     #[error("unsupported: {0}")]
@@ -92,11 +89,7 @@ pub enum ImageError {
     #[error("no image for {want} (found: {})", found.join(", "))]
     NoPlatform { want: String, found: Vec<String> },
     #[error("layer {layer}: refusing entry {path:?}: {reason}")]
-    UnsafeEntry {
-        layer: String,
-        path: PathBuf,
-        reason: String,
-    },
+    UnsafeEntry { layer: String, path: PathBuf, reason: String },
     #[error("image {0} is not in the store")]
     NotFound(String),
     #[error("image name: {0}")]
@@ -109,9 +102,6 @@ pub enum ImageError {
 
 impl ImageError {
     fn io(path: impl AsRef<Path>, source: io::Error) -> Self {
-        ImageError::Io {
-            path: path.as_ref().to_path_buf(),
-            source,
-        }
+        ImageError::Io { path: path.as_ref().to_path_buf(), source }
     }
 }

@@ -25,10 +25,7 @@ pub fn mount_rootfs(image_rootfs: &Path, dir: &Path) -> Result<PathBuf, ImageErr
     if is_mountpoint(&merged)? {
         return Ok(merged);
     }
-    let not_empty = fs::read_dir(&merged)
-        .map_err(|e| ImageError::io(&merged, e))?
-        .next()
-        .is_some();
+    let not_empty = fs::read_dir(&merged).map_err(|e| ImageError::io(&merged, e))?.next().is_some();
     if not_empty {
         return Ok(merged); // a finished copy: copies are renamed into place whole
     }
@@ -58,10 +55,8 @@ pub fn unmount_rootfs(dir: &Path) -> Result<(), ImageError> {
         let Some(deepest) = mounts.iter().max_by_key(|m| m.as_os_str().len()) else {
             break;
         };
-        umount2(deepest, MntFlags::empty()).map_err(|e| ImageError::Mount {
-            path: deepest.clone(),
-            source: e,
-        })?;
+        umount2(deepest, MntFlags::empty())
+            .map_err(|e| ImageError::Mount { path: deepest.clone(), source: e })?;
     }
     remove(dir)
 }
@@ -71,35 +66,20 @@ fn mount_overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> Resu
     for (key, p) in [("lowerdir", lower), ("upperdir", upper), ("workdir", work)] {
         let abs = fs::canonicalize(p).map_err(|e| ImageError::io(p, e))?;
         // The kernel splits options on ',' and lowerdir on ':'.
-        let s = abs
-            .to_str()
-            .filter(|s| !s.contains([',', ':', '\\']))
-            .ok_or_else(|| {
-                let msg = "path unusable in overlay mount options";
-                ImageError::io(p, io::Error::new(io::ErrorKind::InvalidInput, msg))
-            })?;
+        let s = abs.to_str().filter(|s| !s.contains([',', ':', '\\'])).ok_or_else(|| {
+            let msg = "path unusable in overlay mount options";
+            ImageError::io(p, io::Error::new(io::ErrorKind::InvalidInput, msg))
+        })?;
         opts.push(format!("{key}={s}"));
     }
     let opts = opts.join(",");
-    mount(
-        Some("overlay"),
-        merged,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(opts.as_str()),
-    )
-    .map_err(|e| ImageError::Mount {
-        path: merged.to_path_buf(),
-        source: e,
-    })
+    mount(Some("overlay"), merged, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
+        .map_err(|e| ImageError::Mount { path: merged.to_path_buf(), source: e })
 }
 
 fn overlay_listed() -> bool {
     fs::read_to_string("/proc/filesystems")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.split_whitespace().last() == Some("overlay"))
-        })
+        .map(|s| s.lines().any(|l| l.split_whitespace().last() == Some("overlay")))
         .unwrap_or(false)
 }
 
@@ -120,21 +100,14 @@ fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(ImageError::io(dir, e)),
     };
-    Ok(mount_points()?
-        .into_iter()
-        .filter(|m| m.starts_with(&abs))
-        .collect())
+    Ok(mount_points()?.into_iter().filter(|m| m.starts_with(&abs)).collect())
 }
 
 /// /proc/self/mountinfo, field 5 of each line.
 fn mount_points() -> Result<Vec<PathBuf>, ImageError> {
     let p = "/proc/self/mountinfo";
     let info = fs::read_to_string(p).map_err(|e| ImageError::io(p, e))?;
-    Ok(info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(unescape(m)))
-        .collect())
+    Ok(info.lines().filter_map(|l| l.split(' ').nth(4)).map(|m| PathBuf::from(unescape(m))).collect())
 }
 
 /// mountinfo writes space, tab, newline and backslash as octal escapes (`\040`).
@@ -143,9 +116,8 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let oct = b
-            .get(i + 1..i + 4)
-            .filter(|o| b[i] == b'\\' && o.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let oct =
+            b.get(i + 1..i + 4).filter(|o| b[i] == b'\\' && o.iter().all(|c| (b'0'..=b'7').contains(c)));
         match oct {
             Some(o) => {
                 out.push((o[0] - b'0') * 64 + (o[1] - b'0') * 8 + (o[2] - b'0'));
@@ -163,11 +135,7 @@ fn unescape(s: &str) -> String {
 /// Copies a tree keeping modes, owners, symlinks and hardlinks; skips anything else
 /// (sockets, fifos, devices: an image rootfs from the store has none).
 fn copy_tree(src: &Path, dst: &Path) -> Result<(), ImageError> {
-    fn walk(
-        src: &Path,
-        dst: &Path,
-        links: &mut HashMap<(u64, u64), PathBuf>,
-    ) -> Result<(), ImageError> {
+    fn walk(src: &Path, dst: &Path, links: &mut HashMap<(u64, u64), PathBuf>) -> Result<(), ImageError> {
         let m = fs::symlink_metadata(src).map_err(|e| ImageError::io(src, e))?;
         let ft = m.file_type();
         if ft.is_dir() {
@@ -223,10 +191,7 @@ mod tests {
         assert_eq!((mode("ro"), mode("ro/f")), (0o555, 0o4711));
         let ino = |p: &str| fs::metadata(dst.join(p)).unwrap().ino();
         assert_eq!(ino("ro/f"), ino("h"));
-        assert_eq!(
-            fs::read_link(dst.join("abs")).unwrap(),
-            Path::new("/etc/passwd")
-        );
+        assert_eq!(fs::read_link(dst.join("abs")).unwrap(), Path::new("/etc/passwd"));
     }
 
     #[test]

@@ -14,10 +14,8 @@ pub const INDEX_OCI: &str = "application/vnd.oci.image.index.v1+json";
 pub const INDEX_DOCKER: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MANIFEST_OCI: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MANIFEST_DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const CONFIG_TYPES: &[&str] = &[
-    "application/vnd.oci.image.config.v1+json",
-    "application/vnd.docker.container.image.v1+json",
-];
+const CONFIG_TYPES: &[&str] =
+    &["application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"];
 pub const ANN_REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// containerd and nerdctl put the full reference here and only the tag in ref.name.
 pub const ANN_CONTAINERD_NAME: &str = "io.containerd.image.name";
@@ -98,23 +96,13 @@ pub struct RootFs {
 
 impl Index {
     pub fn check(&self, desc_type: Option<&str>, what: &str) -> Result<(), ImageError> {
-        check_header(
-            self.schema_version,
-            self.media_type.as_deref(),
-            desc_type,
-            what,
-        )
+        check_header(self.schema_version, self.media_type.as_deref(), desc_type, what)
     }
 }
 
 impl Manifest {
     pub fn check(&self, desc_type: &str, what: &str) -> Result<(), ImageError> {
-        check_header(
-            self.schema_version,
-            self.media_type.as_deref(),
-            Some(desc_type),
-            what,
-        )?;
+        check_header(self.schema_version, self.media_type.as_deref(), Some(desc_type), what)?;
         if !CONFIG_TYPES.contains(&self.config.media_type.as_str()) {
             return Err(ImageError::Unsupported(format!(
                 "config media type {:?} in {what}",
@@ -130,16 +118,9 @@ impl Manifest {
 
 /// A blob's own mediaType must agree with the descriptor that led to it, or a manifest
 /// could be passed off as an index (a known confusion attack on content-addressed stores).
-fn check_header(
-    version: u32,
-    own: Option<&str>,
-    desc: Option<&str>,
-    what: &str,
-) -> Result<(), ImageError> {
+fn check_header(version: u32, own: Option<&str>, desc: Option<&str>, what: &str) -> Result<(), ImageError> {
     if version != 2 {
-        return Err(ImageError::Unsupported(format!(
-            "schemaVersion {version} in {what}"
-        )));
+        return Err(ImageError::Unsupported(format!("schemaVersion {version} in {what}")));
     }
     if let (Some(own), Some(desc)) = (own, desc) {
         if own != desc {
@@ -165,9 +146,7 @@ pub fn layer_compression(media_type: &str) -> Result<Compression, ImageError> {
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
         | "application/vnd.docker.image.rootfs.diff.tar.gzip"
         | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Ok(Compression::Gzip),
-        other => Err(ImageError::Unsupported(format!(
-            "layer media type {other:?}"
-        ))),
+        other => Err(ImageError::Unsupported(format!("layer media type {other:?}"))),
     }
 }
 
@@ -184,11 +163,7 @@ pub fn digest_hex(digest: &str) -> Result<&str, ImageError> {
     let hex = digest
         .strip_prefix("sha256:")
         .ok_or_else(|| ImageError::Unsupported(format!("digest {digest:?} (only sha256)")))?;
-    if hex.len() != 64
-        || !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return Err(ImageError::BadDigest(digest.to_string()));
     }
     Ok(hex)
@@ -257,20 +232,13 @@ pub struct Verifying<R> {
 
 impl<R: Read> Verifying<R> {
     pub fn new(inner: R) -> Self {
-        Verifying {
-            inner,
-            hasher: Sha256::new(),
-            read: 0,
-        }
+        Verifying { inner, hasher: Sha256::new(), read: 0 }
     }
 
     /// Reads to the end (trailing bytes count too), then compares with `digest`, and
     /// with `size` when one is given.
     pub fn finish(mut self, digest: &str, size: Option<u64>) -> Result<(), ImageError> {
-        let io_err = |e| ImageError::Blob {
-            digest: digest.to_string(),
-            source: e,
-        };
+        let io_err = |e| ImageError::Blob { digest: digest.to_string(), source: e };
         io::copy(&mut self, &mut io::sink()).map_err(io_err)?;
         if let Some(size) = size {
             if self.read != size {
@@ -301,10 +269,7 @@ impl<R: Read> Read for Verifying<R> {
 }
 
 /// Reads a whole JSON blob (at most [`JSON_LIMIT`]), verifies it against `desc`, parses it.
-pub fn read_json<T: serde::de::DeserializeOwned>(
-    r: impl Read,
-    desc: &Descriptor,
-) -> Result<T, ImageError> {
+pub fn read_json<T: serde::de::DeserializeOwned>(r: impl Read, desc: &Descriptor) -> Result<T, ImageError> {
     if desc.size > JSON_LIMIT {
         return Err(ImageError::Unsupported(format!(
             "{} is {} bytes, more than the {JSON_LIMIT} allowed for JSON",
@@ -313,15 +278,9 @@ pub fn read_json<T: serde::de::DeserializeOwned>(
     }
     let mut v = Verifying::new(r.take(desc.size + 1));
     let mut buf = Vec::with_capacity(desc.size as usize);
-    v.read_to_end(&mut buf).map_err(|e| ImageError::Blob {
-        digest: desc.digest.clone(),
-        source: e,
-    })?;
+    v.read_to_end(&mut buf).map_err(|e| ImageError::Blob { digest: desc.digest.clone(), source: e })?;
     v.finish(&desc.digest, Some(desc.size))?;
-    serde_json::from_slice(&buf).map_err(|e| ImageError::Json {
-        what: desc.digest.clone(),
-        source: e,
-    })
+    serde_json::from_slice(&buf).map_err(|e| ImageError::Json { what: desc.digest.clone(), source: e })
 }
 
 #[cfg(test)]
@@ -329,11 +288,7 @@ mod tests {
     use super::*;
 
     fn p(arch: &str, variant: Option<&str>) -> Platform {
-        Platform {
-            architecture: arch.into(),
-            os: "linux".into(),
-            variant: variant.map(Into::into),
-        }
+        Platform { architecture: arch.into(), os: "linux".into(), variant: variant.map(Into::into) }
     }
 
     #[test]
@@ -354,12 +309,8 @@ mod tests {
     fn digests_are_strict() {
         let ok = format!("sha256:{}", "0a".repeat(32));
         assert_eq!(digest_hex(&ok).unwrap().len(), 64);
-        for bad in [
-            "sha256:../../etc/passwd",
-            "sha256:ABC",
-            "md5:00",
-            &format!("sha256:{}", "A".repeat(64)),
-        ] {
+        for bad in ["sha256:../../etc/passwd", "sha256:ABC", "md5:00", &format!("sha256:{}", "A".repeat(64))]
+        {
             assert!(digest_hex(bad).is_err(), "{bad}");
         }
     }

@@ -12,10 +12,7 @@ use std::path::{Component, Path, PathBuf};
 
 pub enum Source {
     Dir(PathBuf),
-    Tar {
-        path: PathBuf,
-        files: HashMap<PathBuf, (u64, u64)>,
-    },
+    Tar { path: PathBuf, files: HashMap<PathBuf, (u64, u64)> },
 }
 
 impl Source {
@@ -26,8 +23,7 @@ impl Source {
         } else {
             let mut magic = [0u8; 2];
             let mut f = File::open(path).map_err(|e| ImageError::io(path, e))?;
-            f.read_exact(&mut magic)
-                .map_err(|e| ImageError::io(path, e))?;
+            f.read_exact(&mut magic).map_err(|e| ImageError::io(path, e))?;
             if magic == [0x1f, 0x8b] {
                 return Err(ImageError::Layout {
                     path: path.to_path_buf(),
@@ -35,10 +31,7 @@ impl Source {
                 });
             }
             let files = index_tar(path).map_err(|e| ImageError::io(path, e))?;
-            Source::Tar {
-                path: path.to_path_buf(),
-                files,
-            }
+            Source::Tar { path: path.to_path_buf(), files }
         };
         let layout: serde_json::Value = {
             let r = src.read("oci-layout")?;
@@ -61,13 +54,9 @@ impl Source {
         let r = self.read("index.json")?;
         let what = format!("{}: index.json", self.path().display());
         let mut buf = Vec::new();
-        r.take(oci::JSON_LIMIT)
-            .read_to_end(&mut buf)
-            .map_err(|e| ImageError::io(self.path(), e))?;
-        let index: oci::Index = serde_json::from_slice(&buf).map_err(|e| ImageError::Json {
-            what: what.clone(),
-            source: e,
-        })?;
+        r.take(oci::JSON_LIMIT).read_to_end(&mut buf).map_err(|e| ImageError::io(self.path(), e))?;
+        let index: oci::Index =
+            serde_json::from_slice(&buf).map_err(|e| ImageError::Json { what: what.clone(), source: e })?;
         index.check(None, &what)?;
         Ok(index)
     }
@@ -99,8 +88,7 @@ impl Source {
                 let not_found = || ImageError::io(path.join(rel), io::ErrorKind::NotFound.into());
                 let &(offset, len) = files.get(Path::new(rel)).ok_or_else(not_found)?;
                 let mut f = File::open(path).map_err(|e| ImageError::io(path, e))?;
-                f.seek(SeekFrom::Start(offset))
-                    .map_err(|e| ImageError::io(path, e))?;
+                f.seek(SeekFrom::Start(offset)).map_err(|e| ImageError::io(path, e))?;
                 Ok(Box::new(f.take(len)))
             }
         }
@@ -116,11 +104,8 @@ fn index_tar(path: &Path) -> io::Result<HashMap<PathBuf, (u64, u64)>> {
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let name: PathBuf = entry
-            .path()?
-            .components()
-            .filter(|c| matches!(c, Component::Normal(_)))
-            .collect();
+        let name: PathBuf =
+            entry.path()?.components().filter(|c| matches!(c, Component::Normal(_))).collect();
         files.insert(name, (entry.raw_file_position(), entry.size()));
     }
     Ok(files)

@@ -44,18 +44,10 @@ struct ImageMeta {
 impl ImageStore {
     /// Opens (creating if needed) the store rooted at `dir`.
     pub fn open(dir: &Path) -> Result<ImageStore, ImageError> {
-        for d in [
-            dir.to_path_buf(),
-            dir.join("blobs/sha256"),
-            dir.join("rootfs"),
-            dir.join("tmp"),
-        ] {
+        for d in [dir.to_path_buf(), dir.join("blobs/sha256"), dir.join("rootfs"), dir.join("tmp")] {
             fs::create_dir_all(&d).map_err(|e| ImageError::io(&d, e))?;
         }
-        Ok(ImageStore {
-            dir: dir.to_path_buf(),
-            platform: Platform::host(),
-        })
+        Ok(ImageStore { dir: dir.to_path_buf(), platform: Platform::host() })
     }
 
     /// A store that picks `platform` instead of the host's (tests of foreign images).
@@ -127,9 +119,7 @@ impl ImageStore {
         let old = self.read_refs()?;
         let mut refs = old.clone();
         match r.digest() {
-            Some(d) => refs
-                .refs
-                .retain(|k, v| !(v == d && ref_name(k) == r.name())),
+            Some(d) => refs.refs.retain(|k, v| !(v == d && ref_name(k) == r.name())),
             None => {
                 refs.refs.remove(&key(r));
             }
@@ -143,25 +133,16 @@ impl ImageStore {
         self.collect(&refs)
     }
 
-    fn load_locked(
-        &self,
-        path: &Path,
-        name: Option<&ImageRef>,
-    ) -> Result<Vec<ImageInfo>, ImageError> {
+    fn load_locked(&self, path: &Path, name: Option<&ImageRef>) -> Result<Vec<ImageInfo>, ImageError> {
         let src = Source::open(path)?;
         let index = src.index()?;
-        let layout_err = |reason: String| ImageError::Layout {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let layout_err = |reason: String| ImageError::Layout { path: path.to_path_buf(), reason };
         if index.manifests.is_empty() {
             return Err(layout_err("index.json lists no images".into()));
         }
         if let Some(n) = name {
             if n.digest().is_some() {
-                return Err(ImageError::Name(format!(
-                    "{n}: a name to load as cannot pin a digest"
-                )));
+                return Err(ImageError::Name(format!("{n}: a name to load as cannot pin a digest")));
             }
             if index.manifests.len() > 1 {
                 return Err(layout_err(format!(
@@ -211,20 +192,13 @@ impl ImageStore {
             return Ok(desc.clone());
         }
         if !oci::is_index(&desc.media_type) || depth > 2 {
-            return Err(ImageError::Unsupported(format!(
-                "{} of type {:?}",
-                desc.digest, desc.media_type
-            )));
+            return Err(ImageError::Unsupported(format!("{} of type {:?}", desc.digest, desc.media_type)));
         }
         let index: oci::Index = oci::read_json(src.blob(desc)?, desc)?;
         index.check(Some(&desc.media_type), &desc.digest)?;
         let runs = |d: &&Descriptor| d.platform.as_ref().is_some_and(|p| self.platform.runs(p));
         // An exact variant beats a bare architecture.
-        let exact = index
-            .manifests
-            .iter()
-            .filter(runs)
-            .find(|d| d.platform.as_ref() == Some(&self.platform));
+        let exact = index.manifests.iter().filter(runs).find(|d| d.platform.as_ref() == Some(&self.platform));
         match exact.or_else(|| index.manifests.iter().find(runs)) {
             Some(d) => self.pick(src, d, depth + 1),
             None => Err(ImageError::NoPlatform {
@@ -232,11 +206,7 @@ impl ImageStore {
                 found: index
                     .manifests
                     .iter()
-                    .map(|d| {
-                        d.platform
-                            .as_ref()
-                            .map_or("unknown".into(), |p| p.to_string())
-                    })
+                    .map(|d| d.platform.as_ref().map_or("unknown".into(), |p| p.to_string()))
                     .collect(),
             }),
         }
@@ -249,11 +219,7 @@ impl ImageStore {
         manifest.check(&mdesc.media_type, &mdesc.digest)?;
         self.fetch(src, &manifest.config)?;
         let config: Config = self.read_blob(&manifest.config)?;
-        let platform = Platform {
-            architecture: config.architecture,
-            os: config.os,
-            variant: config.variant,
-        };
+        let platform = Platform { architecture: config.architecture, os: config.os, variant: config.variant };
         if !self.platform.runs(&platform) {
             return Err(ImageError::NoPlatform {
                 want: self.platform.to_string(),
@@ -273,34 +239,18 @@ impl ImageStore {
         if !rootfs.is_dir() {
             self.unpack(&manifest, &config.rootfs.diff_ids, &rootfs)?;
         }
-        Ok(ImageMeta {
-            platform: platform.to_string(),
-            size: unpack::tree_size(&rootfs)?,
-        })
+        Ok(ImageMeta { platform: platform.to_string(), size: unpack::tree_size(&rootfs)? })
     }
 
     /// Builds the rootfs in tmp/, syncs it, and renames it into place: it exists only whole.
-    fn unpack(
-        &self,
-        manifest: &Manifest,
-        diff_ids: &[String],
-        rootfs: &Path,
-    ) -> Result<(), ImageError> {
-        let tmp = self
-            .dir
-            .join("tmp")
-            .join(format!("rootfs-{}", file_name(rootfs)));
+    fn unpack(&self, manifest: &Manifest, diff_ids: &[String], rootfs: &Path) -> Result<(), ImageError> {
+        let tmp = self.dir.join("tmp").join(format!("rootfs-{}", file_name(rootfs)));
         remove(&tmp)?;
         fs::create_dir(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
-        fs::set_permissions(&tmp, Permissions::from_mode(0o755))
-            .map_err(|e| ImageError::io(&tmp, e))?;
-        let built = manifest
-            .layers
-            .iter()
-            .zip(diff_ids)
-            .try_for_each(|(layer, diff_id)| {
-                unpack::apply_layer(&tmp, &self.blob_path(layer)?, layer, diff_id)
-            });
+        fs::set_permissions(&tmp, Permissions::from_mode(0o755)).map_err(|e| ImageError::io(&tmp, e))?;
+        let built = manifest.layers.iter().zip(diff_ids).try_for_each(|(layer, diff_id)| {
+            unpack::apply_layer(&tmp, &self.blob_path(layer)?, layer, diff_id)
+        });
         if let Err(e) = built {
             remove(&tmp)?;
             return Err(e);
@@ -323,10 +273,8 @@ impl ImageStore {
         let copied = (|| {
             let mut r = oci::Verifying::new(src.blob(desc)?.take(desc.size + 1));
             let mut f = File::create(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
-            io::copy(&mut r, &mut f).map_err(|e| ImageError::Blob {
-                digest: desc.digest.clone(),
-                source: e,
-            })?;
+            io::copy(&mut r, &mut f)
+                .map_err(|e| ImageError::Blob { digest: desc.digest.clone(), source: e })?;
             r.finish(&desc.digest, Some(desc.size))?;
             f.sync_all().map_err(|e| ImageError::io(&tmp, e))
         })();
@@ -346,10 +294,7 @@ impl ImageStore {
         Ok(self.dir.join("blobs/sha256").join(desc.hex()?))
     }
 
-    fn read_blob<T: serde::de::DeserializeOwned>(
-        &self,
-        desc: &Descriptor,
-    ) -> Result<T, ImageError> {
+    fn read_blob<T: serde::de::DeserializeOwned>(&self, desc: &Descriptor) -> Result<T, ImageError> {
         let p = self.blob_path(desc)?;
         oci::read_json(File::open(&p).map_err(|e| ImageError::io(&p, e))?, desc)
     }
@@ -374,11 +319,7 @@ impl ImageStore {
         for e in read_dir(&tmp)? {
             remove(&e)?;
         }
-        let images: HashSet<&str> = refs
-            .images
-            .keys()
-            .filter_map(|d| oci::digest_hex(d).ok())
-            .collect();
+        let images: HashSet<&str> = refs.images.keys().filter_map(|d| oci::digest_hex(d).ok()).collect();
         for e in read_dir(&self.dir.join("rootfs"))? {
             let name = file_name(&e);
             if !images.contains(name.as_str()) {
@@ -414,31 +355,19 @@ impl ImageStore {
         let f = match File::open(&p) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok(Refs {
-                    version: REFS_VERSION,
-                    refs: BTreeMap::new(),
-                    images: BTreeMap::new(),
-                })
+                return Ok(Refs { version: REFS_VERSION, refs: BTreeMap::new(), images: BTreeMap::new() })
             }
             Err(e) => return Err(ImageError::io(&p, e)),
         };
         let mut buf = Vec::new();
-        f.take(REFS_LIMIT + 1)
-            .read_to_end(&mut buf)
-            .map_err(|e| ImageError::io(&p, e))?;
-        let corrupt = |reason: String| ImageError::Corrupt {
-            path: p.clone(),
-            reason,
-        };
+        f.take(REFS_LIMIT + 1).read_to_end(&mut buf).map_err(|e| ImageError::io(&p, e))?;
+        let corrupt = |reason: String| ImageError::Corrupt { path: p.clone(), reason };
         if buf.len() as u64 > REFS_LIMIT {
             return Err(corrupt(format!("over {REFS_LIMIT} bytes")));
         }
         let refs: Refs = serde_json::from_slice(&buf).map_err(|e| corrupt(e.to_string()))?;
         if refs.version != REFS_VERSION {
-            return Err(corrupt(format!(
-                "version {} (this build reads {REFS_VERSION})",
-                refs.version
-            )));
+            return Err(corrupt(format!("version {} (this build reads {REFS_VERSION})", refs.version)));
         }
         Ok(refs)
     }
@@ -450,27 +379,18 @@ impl ImageStore {
         }
         let p = self.dir.join(REFS);
         let tmp = self.dir.join("tmp").join(REFS);
-        let mut bytes = serde_json::to_vec_pretty(refs).map_err(|e| ImageError::Json {
-            what: REFS.into(),
-            source: e,
-        })?;
+        let mut bytes =
+            serde_json::to_vec_pretty(refs).map_err(|e| ImageError::Json { what: REFS.into(), source: e })?;
         bytes.push(b'\n');
         let mut f = File::create(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
-        f.write_all(&bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| ImageError::io(&tmp, e))?;
+        f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(|e| ImageError::io(&tmp, e))?;
         fs::rename(&tmp, &p).map_err(|e| ImageError::io(&p, e))?;
         sync_dir(&self.dir)
     }
 
     fn lock(&self) -> Result<Flock<File>, ImageError> {
         let p = self.dir.join("lock");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&p);
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p);
         let f = f.map_err(|e| ImageError::io(&p, e))?;
         Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| ImageError::io(&p, e.into()))
     }
@@ -485,9 +405,7 @@ fn key(r: &ImageRef) -> String {
 }
 
 fn ref_name(key: &str) -> String {
-    ImageRef::try_from(key)
-        .map(|r| r.name().to_string())
-        .unwrap_or_default()
+    ImageRef::try_from(key).map(|r| r.name().to_string()).unwrap_or_default()
 }
 
 /// Points `reference` at `digest`. `name@digest` entries exist only for images no tag
@@ -495,19 +413,14 @@ fn ref_name(key: &str) -> String {
 /// container may still use it; `remove` frees it), and a new tag drops them.
 fn set_ref(refs: &mut Refs, reference: &str, digest: &str) {
     if reference.contains('@') {
-        if !refs
-            .refs
-            .iter()
-            .any(|(k, d)| d == digest && !k.contains('@'))
-        {
+        if !refs.refs.iter().any(|(k, d)| d == digest && !k.contains('@')) {
             refs.refs.insert(reference.to_string(), digest.to_string());
         }
         return;
     }
     if let Some(prev) = refs.refs.insert(reference.to_string(), digest.to_string()) {
         if prev != digest && !refs.refs.values().any(|d| *d == prev) {
-            refs.refs
-                .insert(format!("{}@{prev}", ref_name(reference)), prev);
+            refs.refs.insert(format!("{}@{prev}", ref_name(reference)), prev);
         }
     }
     refs.refs.retain(|k, d| !(d == digest && k.contains('@')));
@@ -515,10 +428,8 @@ fn set_ref(refs: &mut Refs, reference: &str, digest: &str) {
 
 /// The name a layout entry's annotations give, if any (see `ImageStore::load`).
 fn annotated_ref(desc: &Descriptor, layout: &Path) -> Result<Option<String>, ImageError> {
-    let full = match (
-        desc.annotations.get(oci::ANN_CONTAINERD_NAME),
-        desc.annotations.get(oci::ANN_REF_NAME),
-    ) {
+    let full = match (desc.annotations.get(oci::ANN_CONTAINERD_NAME), desc.annotations.get(oci::ANN_REF_NAME))
+    {
         (Some(full), _) => full.clone(),
         (None, Some(r)) if r.contains([':', '/', '@']) => r.clone(),
         (None, Some(tag)) => format!("{}:{tag}", file_stem_name(layout)?),
@@ -526,9 +437,7 @@ fn annotated_ref(desc: &Descriptor, layout: &Path) -> Result<Option<String>, Ima
     };
     let r = ImageRef::try_from(full.as_str()).map_err(|e| ImageError::Name(e.to_string()))?;
     if r.digest().is_some() {
-        return Err(ImageError::Name(format!(
-            "{full}: annotation pins a digest"
-        )));
+        return Err(ImageError::Name(format!("{full}: annotation pins a digest")));
     }
     Ok(Some(key(&r)))
 }
@@ -561,19 +470,13 @@ fn info(refs: &Refs, reference: &str, digest: &str) -> Result<ImageInfo, ImageEr
 
 fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
     let entries = fs::read_dir(dir).map_err(|e| ImageError::io(dir, e))?;
-    entries
-        .map(|e| e.map(|e| e.path()).map_err(|e| ImageError::io(dir, e)))
-        .collect()
+    entries.map(|e| e.map(|e| e.path()).map_err(|e| ImageError::io(dir, e))).collect()
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn sync_dir(dir: &Path) -> Result<(), ImageError> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| ImageError::io(dir, e))
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| ImageError::io(dir, e))
 }

@@ -49,11 +49,8 @@ fn tar_bytes(entries: &[E]) -> Vec<u8> {
                 h.set_gid(uid);
             }
             E::Sym(p, t) | E::Hard(p, t) => {
-                let kind = if matches!(e, E::Sym(..)) {
-                    tar::EntryType::Symlink
-                } else {
-                    tar::EntryType::Link
-                };
+                let kind =
+                    if matches!(e, E::Sym(..)) { tar::EntryType::Symlink } else { tar::EntryType::Link };
                 h.set_entry_type(kind);
                 h.set_path(p).unwrap();
                 h.set_link_name(t).unwrap();
@@ -105,21 +102,16 @@ impl Layout {
             diff_ids.push(sha(&tar));
             let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
             gz.write_all(&tar).unwrap();
-            descs.push(self.blob(
-                "application/vnd.oci.image.layer.v1.tar+gzip",
-                &gz.finish().unwrap(),
-            ));
+            descs.push(self.blob("application/vnd.oci.image.layer.v1.tar+gzip", &gz.finish().unwrap()));
         }
         let config = json!({
             "architecture": arch, "os": "linux",
             "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/w", "User": ""},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         });
-        let config = self.blob(
-            "application/vnd.oci.image.config.v1+json",
-            config.to_string().as_bytes(),
-        );
-        let manifest = json!({"schemaVersion": 2, "mediaType": MANIFEST_OCI, "config": config, "layers": descs});
+        let config = self.blob("application/vnd.oci.image.config.v1+json", config.to_string().as_bytes());
+        let manifest =
+            json!({"schemaVersion": 2, "mediaType": MANIFEST_OCI, "config": config, "layers": descs});
         let mut desc = self.blob(MANIFEST_OCI, manifest.to_string().as_bytes());
         desc["platform"] = json!({"architecture": arch, "os": "linux"});
         desc
@@ -183,11 +175,7 @@ fn snapshot(dir: &std::path::Path) -> BTreeMap<std::path::PathBuf, (i64, i64)> {
 fn store_is_empty(t: &TempDir) {
     let s = t.path().join("store");
     for sub in ["blobs/sha256", "rootfs", "tmp"] {
-        assert_eq!(
-            fs::read_dir(s.join(sub)).unwrap().count(),
-            0,
-            "{sub} not empty"
-        );
+        assert_eq!(fs::read_dir(s.join(sub)).unwrap().count(), 0, "{sub} not empty");
     }
     assert!(!s.join("refs.json").exists());
 }
@@ -232,28 +220,17 @@ fn layers_apply_with_whiteouts_opaque_dirs_and_links() {
     assert_eq!(fs::read_to_string(root.join("o/sub/fresh")).unwrap(), "f");
     assert_eq!(fs::read_to_string(root.join("o/new")).unwrap(), "n");
     assert_eq!(fs::read_to_string(root.join("same")).unwrap(), "same layer");
-    assert_eq!(
-        fs::read_link(root.join("a/link")).unwrap().to_str(),
-        Some("keep")
-    );
-    assert_eq!(
-        fs::read_link(root.join("replaced")).unwrap().to_str(),
-        Some("a/keep")
-    );
-    let (keep, hard) = (
-        fs::metadata(root.join("a/keep")).unwrap(),
-        fs::metadata(root.join("a/hard")).unwrap(),
-    );
+    assert_eq!(fs::read_link(root.join("a/link")).unwrap().to_str(), Some("keep"));
+    assert_eq!(fs::read_link(root.join("replaced")).unwrap().to_str(), Some("a/keep"));
+    let (keep, hard) =
+        (fs::metadata(root.join("a/keep")).unwrap(), fs::metadata(root.join("a/hard")).unwrap());
     assert_eq!(keep.ino(), hard.ino());
     let suid = fs::metadata(root.join("suid")).unwrap();
     assert_eq!(suid.permissions().mode() & 0o7777, 0o4755);
     if nix::unistd::geteuid().is_root() {
         assert_eq!((suid.uid(), suid.gid()), (1234, 1234));
     }
-    assert_eq!(
-        fs::read_to_string(root.join("implicit/parent/file")).unwrap(),
-        "p"
-    );
+    assert_eq!(fs::read_to_string(root.join("implicit/parent/file")).unwrap(), "p");
     assert!(!root.join("a/.wh.gone").exists() && !root.join("o/.wh..wh..opq").exists());
 }
 
@@ -263,12 +240,8 @@ fn corrupt_or_missized_blob_is_an_error_and_nothing_is_stored() {
     let m = l.image(&host(), &[&[E::File("f", "data")]]);
     let top = vec![tagged(m.clone(), "1")];
     let manifest: Value =
-        serde_json::from_slice(&fs::read(l.blob_path(m["digest"].as_str().unwrap())).unwrap())
-            .unwrap();
-    let layer = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        serde_json::from_slice(&fs::read(l.blob_path(m["digest"].as_str().unwrap())).unwrap()).unwrap();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
     let path = l.blob_path(&layer);
     let good = fs::read(&path).unwrap();
 
@@ -277,10 +250,7 @@ fn corrupt_or_missized_blob_is_an_error_and_nothing_is_stored() {
     bad[last] ^= 1;
     fs::write(&path, &bad).unwrap();
     let err = store.load(l.finish(top.clone()), None).unwrap_err();
-    assert!(
-        matches!(&err, ImageError::Mismatch { digest, .. } if *digest == layer),
-        "{err}"
-    );
+    assert!(matches!(&err, ImageError::Mismatch { digest, .. } if *digest == layer), "{err}");
     store_is_empty(&t);
 
     fs::write(&path, [good.as_slice(), b"extra"].concat()).unwrap();
@@ -294,9 +264,7 @@ fn entries_escaping_the_rootfs_are_refused() {
     for name in [&b"../evil"[..], b"/tmp/skiff-evil-abs", b"a/../../evil"] {
         let (t, store, l) = setup("img");
         let m = l.image(&host(), &[&[E::Dir("a/"), E::Raw(name)]]);
-        let err = store
-            .load(l.finish(vec![tagged(m, "1")]), None)
-            .unwrap_err();
+        let err = store.load(l.finish(vec![tagged(m, "1")]), None).unwrap_err();
         assert!(matches!(err, ImageError::UnsafeEntry { .. }), "{err}");
         assert!(!t.path().join("evil").exists() && !t.path().join("store/evil").exists());
         assert!(!std::path::Path::new("/tmp/skiff-evil-abs").exists());
@@ -316,9 +284,7 @@ fn symlinks_are_never_followed_out_of_the_rootfs() {
     for layers in cases {
         let (t, store, l) = setup("img");
         let m = l.image(&host(), layers);
-        let err = store
-            .load(l.finish(vec![tagged(m, "1")]), None)
-            .unwrap_err();
+        let err = store.load(l.finish(vec![tagged(m, "1")]), None).unwrap_err();
         assert!(matches!(err, ImageError::UnsafeEntry { .. }), "{err}");
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
         store_is_empty(&t);
@@ -331,9 +297,7 @@ fn multi_arch_index_picks_the_host_platform() {
     let other = l.image(foreign(), &[&[E::File("arch", foreign())]]);
     let mine = l.image(&host(), &[&[E::File("arch", &host())]]);
     let index = l.index(vec![other, mine]);
-    let infos = store
-        .load(l.finish(vec![tagged(index, "1")]), None)
-        .unwrap();
+    let infos = store.load(l.finish(vec![tagged(index, "1")]), None).unwrap();
     assert_eq!(infos[0].platform, format!("linux/{}", host()));
     let root = store.resolve(&r("multi:1")).unwrap().rootfs;
     assert_eq!(fs::read_to_string(root.join("arch")).unwrap(), host());
@@ -345,27 +309,17 @@ fn missing_platform_is_an_error_that_lists_what_is_there() {
     let a = l.image(foreign(), &[&[E::File("f", "x")]]);
     let b = l.image("riscv64", &[&[E::File("f", "x")]]);
     let index = l.index(vec![a, b]);
-    let err = store
-        .load(l.finish(vec![tagged(index, "1")]), None)
-        .unwrap_err();
+    let err = store.load(l.finish(vec![tagged(index, "1")]), None).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, ImageError::NoPlatform { .. }), "{msg}");
-    assert!(
-        msg.contains(&format!("linux/{}", foreign())) && msg.contains("linux/riscv64"),
-        "{msg}"
-    );
+    assert!(msg.contains(&format!("linux/{}", foreign())) && msg.contains("linux/riscv64"), "{msg}");
     store_is_empty(&t);
 
     // A foreign single-platform manifest is caught by its config.
-    let store = store.with_platform(Platform {
-        architecture: "riscv64".into(),
-        os: "linux".into(),
-        variant: None,
-    });
+    let store =
+        store.with_platform(Platform { architecture: "riscv64".into(), os: "linux".into(), variant: None });
     let only = l.image(foreign(), &[&[E::File("f", "x")]]);
-    let err = store
-        .load(l.finish(vec![tagged(only, "2")]), None)
-        .unwrap_err();
+    let err = store.load(l.finish(vec![tagged(only, "2")]), None).unwrap_err();
     assert!(matches!(err, ImageError::NoPlatform { .. }), "{err}");
 }
 
@@ -395,19 +349,10 @@ fn resolve_by_tag_and_by_digest() {
     assert!(by_tag.config.entrypoint.is_empty());
     assert_eq!(by_tag.config.workdir.as_deref(), Some("/w"));
     assert_eq!(by_tag.config.user, None);
-    assert_eq!(
-        store.resolve(&r(&format!("other@{digest}"))).unwrap(),
-        by_tag
-    );
-    assert!(matches!(
-        store.resolve(&r("img:2")),
-        Err(ImageError::NotFound(_))
-    ));
+    assert_eq!(store.resolve(&r(&format!("other@{digest}"))).unwrap(), by_tag);
+    assert!(matches!(store.resolve(&r("img:2")), Err(ImageError::NotFound(_))));
     let absent = format!("img@sha256:{}", "0".repeat(64));
-    assert!(matches!(
-        store.resolve(&r(&absent)),
-        Err(ImageError::NotFound(_))
-    ));
+    assert!(matches!(store.resolve(&r(&absent)), Err(ImageError::NotFound(_))));
 }
 
 #[test]
@@ -416,45 +361,22 @@ fn remove_untags_and_frees_what_no_tag_uses() {
     let shared: &[E] = &[E::File("shared", "s")];
     let a = l.image(&host(), &[shared]);
     let b = l.image(&host(), &[shared, &[E::File("extra", "e")]]);
-    store
-        .load(l.finish(vec![tagged(a, "a"), tagged(b, "b")]), None)
-        .unwrap();
-    let blobs = |t: &TempDir| {
-        fs::read_dir(t.path().join("store/blobs/sha256"))
-            .unwrap()
-            .count()
-    };
+    store.load(l.finish(vec![tagged(a, "a"), tagged(b, "b")]), None).unwrap();
+    let blobs = |t: &TempDir| fs::read_dir(t.path().join("store/blobs/sha256")).unwrap().count();
     assert_eq!(blobs(&t), 2 + 2 + 2); // 2 manifests, 2 configs, 2 layers (one shared)
 
     store.remove(&r("img:a")).unwrap();
     assert_eq!(blobs(&t), 1 + 1 + 2);
-    assert_eq!(
-        fs::read_dir(t.path().join("store/rootfs")).unwrap().count(),
-        1
-    );
-    assert!(matches!(
-        store.resolve(&r("img:a")),
-        Err(ImageError::NotFound(_))
-    ));
-    assert!(store
-        .resolve(&r("img:b"))
-        .unwrap()
-        .rootfs
-        .join("shared")
-        .exists());
-    assert!(matches!(
-        store.remove(&r("img:a")),
-        Err(ImageError::NotFound(_))
-    ));
+    assert_eq!(fs::read_dir(t.path().join("store/rootfs")).unwrap().count(), 1);
+    assert!(matches!(store.resolve(&r("img:a")), Err(ImageError::NotFound(_))));
+    assert!(store.resolve(&r("img:b")).unwrap().rootfs.join("shared").exists());
+    assert!(matches!(store.remove(&r("img:a")), Err(ImageError::NotFound(_))));
 
     let b = store.resolve(&r("img:b")).unwrap().digest;
     store.remove(&r(&format!("img@{b}"))).unwrap();
     assert!(store.list().unwrap().is_empty());
     assert_eq!(blobs(&t), 0);
-    assert_eq!(
-        fs::read_dir(t.path().join("store/rootfs")).unwrap().count(),
-        0
-    );
+    assert_eq!(fs::read_dir(t.path().join("store/rootfs")).unwrap().count(), 0);
 }
 
 #[test]
@@ -462,26 +384,14 @@ fn a_moved_tag_leaves_the_old_image_reachable_by_digest() {
     let (_t, store, l) = setup("img");
     let old = l.image(&host(), &[&[E::File("v", "1")]]);
     let old_digest = old["digest"].as_str().unwrap().to_string();
-    store
-        .load(l.finish(vec![tagged(old.clone(), "1")]), None)
-        .unwrap();
+    store.load(l.finish(vec![tagged(old.clone(), "1")]), None).unwrap();
     let new = l.image(&host(), &[&[E::File("v", "2")]]);
     store.load(l.finish(vec![tagged(new, "1")]), None).unwrap();
-    let refs: Vec<String> = store
-        .list()
-        .unwrap()
-        .into_iter()
-        .map(|i| i.reference)
-        .collect();
+    let refs: Vec<String> = store.list().unwrap().into_iter().map(|i| i.reference).collect();
     assert_eq!(refs, ["img:1".to_string(), format!("img@{old_digest}")]);
     // Tagging an image kept by digest drops the digest entry.
     store.load(l.finish(vec![tagged(old, "0")]), None).unwrap();
-    let refs: Vec<String> = store
-        .list()
-        .unwrap()
-        .into_iter()
-        .map(|i| i.reference)
-        .collect();
+    let refs: Vec<String> = store.list().unwrap().into_iter().map(|i| i.reference).collect();
     assert_eq!(refs, ["img:0", "img:1"]);
 }
 
@@ -506,9 +416,7 @@ fn tar_layouts_names_and_untagged_images() {
     assert_eq!(store.list().unwrap().len(), 1);
     store.load(&tar_path, None).unwrap();
     assert_eq!(store.list().unwrap().len(), 1);
-    let err = store
-        .load(&tar_path, Some(&r(&format!("x@{digest}"))))
-        .unwrap_err();
+    let err = store.load(&tar_path, Some(&r(&format!("x@{digest}")))).unwrap_err();
     assert!(matches!(err, ImageError::Name(_)), "{err}");
 }
 
@@ -523,28 +431,16 @@ fn mount_rootfs_overlays_without_touching_the_image() {
     assert_eq!(merged, dir.join("rootfs"));
     assert_eq!(mount_rootfs(&image, &dir).unwrap(), merged); // idempotent
     let overlay = mount::is_mountpoint(&merged).unwrap();
-    println!(
-        "rootfs is {}",
-        if overlay { "an overlay" } else { "a copy" }
-    );
-    assert_eq!(
-        fs::read_to_string(merged.join("etc/hostname")).unwrap(),
-        "img"
-    );
+    println!("rootfs is {}", if overlay { "an overlay" } else { "a copy" });
+    assert_eq!(fs::read_to_string(merged.join("etc/hostname")).unwrap(), "img");
     fs::write(merged.join("etc/hostname"), "container").unwrap();
     fs::write(merged.join("new"), "n").unwrap();
-    assert_eq!(
-        fs::read_to_string(image.join("etc/hostname")).unwrap(),
-        "img"
-    );
+    assert_eq!(fs::read_to_string(image.join("etc/hostname")).unwrap(), "img");
     assert!(!image.join("new").exists());
     unmount_rootfs(&dir).unwrap();
     assert!(!dir.exists());
     unmount_rootfs(&dir).unwrap();
-    assert_eq!(
-        fs::read_to_string(image.join("etc/hostname")).unwrap(),
-        "img"
-    );
+    assert_eq!(fs::read_to_string(image.join("etc/hostname")).unwrap(), "img");
 }
 
 /// The image the demo and the end-to-end tests use; images/build.sh makes it.
@@ -552,10 +448,7 @@ fn mount_rootfs_overlays_without_touching_the_image() {
 fn real_busybox_image_loads_for_the_host() {
     let images = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/out");
     if !images.join("busybox/index.json").exists() {
-        println!(
-            "skipping: {} is missing; run images/build.sh",
-            images.join("busybox").display()
-        );
+        println!("skipping: {} is missing; run images/build.sh", images.join("busybox").display());
         return;
     }
     let t = TempDir::new().unwrap();
@@ -566,10 +459,7 @@ fn real_busybox_image_loads_for_the_host() {
     assert_eq!(infos[0].platform, format!("linux/{}", host()));
     let img = store.resolve(&r("busybox:1")).unwrap();
     assert_eq!(img.config.cmd, ["sh"]);
-    assert_eq!(
-        fs::read_link(img.rootfs.join("bin/sh")).unwrap().to_str(),
-        Some("busybox")
-    );
+    assert_eq!(fs::read_link(img.rootfs.join("bin/sh")).unwrap().to_str(), Some("busybox"));
     let elf = fs::read(img.rootfs.join("bin/busybox")).unwrap();
     assert_eq!(&elf[..4], b"\x7fELF");
     let e_machine = u16::from_le_bytes([elf[18], elf[19]]);
@@ -580,33 +470,13 @@ fn real_busybox_image_loads_for_the_host() {
         other => panic!("no ELF machine known for {other}"),
     };
     assert_eq!(e_machine, want);
-    assert_eq!(
-        fs::metadata(img.rootfs.join("tmp"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o7777,
-        0o1777
-    );
+    assert_eq!(fs::metadata(img.rootfs.join("tmp")).unwrap().permissions().mode() & 0o7777, 0o1777);
 
     // The other architecture, picked on purpose (as when preparing images for a board).
-    let arm = Platform {
-        architecture: foreign().into(),
-        os: "linux".into(),
-        variant: None,
-    };
-    let other = ImageStore::open(&t.path().join("other"))
-        .unwrap()
-        .with_platform(arm);
+    let arm = Platform { architecture: foreign().into(), os: "linux".into(), variant: None };
+    let other = ImageStore::open(&t.path().join("other")).unwrap().with_platform(arm);
     other.load(&images.join("busybox.tar"), None).unwrap();
-    let elf = fs::read(
-        other
-            .resolve(&r("busybox:1"))
-            .unwrap()
-            .rootfs
-            .join("bin/busybox"),
-    )
-    .unwrap();
+    let elf = fs::read(other.resolve(&r("busybox:1")).unwrap().rootfs.join("bin/busybox")).unwrap();
     let want = if foreign() == "arm64" { 183 } else { 62 };
     assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), want);
 

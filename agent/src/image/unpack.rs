@@ -21,12 +21,7 @@ use tar::EntryType;
 
 /// Applies the layer stored at `blob` to `root`, checking the compressed bytes against
 /// `desc` and the uncompressed tar against `diff_id`.
-pub fn apply_layer(
-    root: &Path,
-    blob: &Path,
-    desc: &Descriptor,
-    diff_id: &str,
-) -> Result<(), ImageError> {
+pub fn apply_layer(root: &Path, blob: &Path, desc: &Descriptor, diff_id: &str) -> Result<(), ImageError> {
     let file = File::open(blob).map_err(|e| ImageError::io(blob, e))?;
     let mut packed = Verifying::new(file);
     {
@@ -113,9 +108,7 @@ impl Layer<'_> {
             };
             match h.entry_type() {
                 EntryType::Directory => {
-                    let is_dir = fs::symlink_metadata(&dst)
-                        .map(|m| m.is_dir())
-                        .unwrap_or(false);
+                    let is_dir = fs::symlink_metadata(&dst).map(|m| m.is_dir()).unwrap_or(false);
                     if !is_dir {
                         remove(&dst)?;
                         fs::create_dir(&dst).map_err(|e| ImageError::io(&dst, e))?;
@@ -155,9 +148,7 @@ impl Layer<'_> {
                     let src = self.root.join(&trel);
                     match fs::symlink_metadata(&src) {
                         Ok(m) if !m.is_dir() => {}
-                        _ => {
-                            return Err(self.refuse(&raw, "hardlink target missing or a directory"))
-                        }
+                        _ => return Err(self.refuse(&raw, "hardlink target missing or a directory")),
                     }
                     if trel != rel {
                         remove(&dst)?;
@@ -169,9 +160,7 @@ impl Layer<'_> {
                     tracing::debug!(layer = self.digest, path = %rel.display(), "skipping device node or fifo");
                     continue;
                 }
-                other => {
-                    return Err(self.refuse(&raw, &format!("unsupported entry type {other:?}")))
-                }
+                other => return Err(self.refuse(&raw, &format!("unsupported entry type {other:?}"))),
             }
             self.created.insert(rel);
         }
@@ -186,9 +175,7 @@ impl Layer<'_> {
             let p = self.root.join(&cur);
             match fs::symlink_metadata(&p) {
                 Ok(m) if m.is_dir() => {}
-                Ok(m) if m.file_type().is_symlink() => {
-                    return Err(self.refuse(&cur, "parent is a symlink"))
-                }
+                Ok(m) if m.file_type().is_symlink() => return Err(self.refuse(&cur, "parent is a symlink")),
                 Ok(_) => return Err(self.refuse(&cur, "parent is not a directory")),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     fs::create_dir(&p).map_err(|e| ImageError::io(&p, e))?;
@@ -220,9 +207,7 @@ impl Layer<'_> {
         if !self.created.contains(rel) {
             return remove(&self.root.join(rel));
         }
-        let is_dir = fs::symlink_metadata(self.root.join(rel))
-            .map(|m| m.is_dir())
-            .unwrap_or(false);
+        let is_dir = fs::symlink_metadata(self.root.join(rel)).map(|m| m.is_dir()).unwrap_or(false);
         if is_dir {
             self.prune(rel)?;
         }
@@ -237,11 +222,7 @@ impl Layer<'_> {
             let rel = dir.join(e.file_name());
             if !self.created.contains(&rel) {
                 remove(&e.path())?;
-            } else if e
-                .file_type()
-                .map_err(|err| ImageError::io(e.path(), err))?
-                .is_dir()
-            {
+            } else if e.file_type().map_err(|err| ImageError::io(e.path(), err))?.is_dir() {
                 self.prune(&rel)?;
             }
         }
@@ -255,17 +236,13 @@ impl Layer<'_> {
         }
         // After chown, which clears setuid bits.
         if let Some(mode) = mode {
-            fs::set_permissions(p, Permissions::from_mode(mode))
-                .map_err(|e| ImageError::io(p, e))?;
+            fs::set_permissions(p, Permissions::from_mode(mode)).map_err(|e| ImageError::io(p, e))?;
         }
         Ok(())
     }
 
     fn tar_err(&self, e: io::Error) -> ImageError {
-        ImageError::Blob {
-            digest: self.digest.to_string(),
-            source: e,
-        }
+        ImageError::Blob { digest: self.digest.to_string(), source: e }
     }
 
     fn refuse(&self, path: &Path, reason: &str) -> ImageError {

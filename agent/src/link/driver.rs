@@ -14,8 +14,8 @@ use super::gate::{Gate, Verdict};
 use super::outbox::Outbox;
 use super::{lock, unix_now, Incoming, LinkConfig, LinkError, LinkStatus};
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions,
-    Outgoing, Packet, Publish, QoS, SubscribeReasonCode, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Outgoing, Packet,
+    Publish, QoS, SubscribeReasonCode, Transport,
 };
 use skiff_common::protocol::{
     topic, BrokerUrl, Channel, DeviceId, EventKind, Rejection, OFFLINE, PACKET_LIMIT,
@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 /// rumqttc's own in-flight limit: well above what the outbox ever has in
 /// flight (online + reported + `EVENT_WINDOW`), so packet ids never collide.
@@ -100,9 +100,8 @@ impl TlsFiles {
     }
 
     pub fn transport(&self) -> Result<Transport, LinkError> {
-        let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|source| LinkError::Read { path: p.clone(), source })
-        };
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|source| LinkError::Read { path: p.clone(), source });
         let identity = match &self.identity {
             Some((c, k)) => Some((read(c)?, read(k)?)),
             None => None,
@@ -122,12 +121,7 @@ pub(super) fn mqtt_options(
         .set_manual_acks(true)
         .set_max_packet_size(PACKET_LIMIT, PACKET_LIMIT)
         .set_inflight(INFLIGHT)
-        .set_last_will(LastWill::new(
-            topic(&cfg.device, Channel::Online),
-            OFFLINE,
-            QoS::AtLeastOnce,
-            true,
-        ));
+        .set_last_will(LastWill::new(topic(&cfg.device, Channel::Online), OFFLINE, QoS::AtLeastOnce, true));
     if let Some(t) = tls {
         o.set_transport(t.transport()?);
     }
@@ -306,7 +300,9 @@ impl Driver {
                 Ok(tr) => {
                     self.eventloop.mqtt_options.set_transport(tr);
                 }
-                Err(err) => tracing::warn!(%err, "TLS files unreadable; retrying with the previous ones"),
+                Err(err) => {
+                    tracing::warn!(%err, "TLS files unreadable; retrying with the previous ones")
+                }
             }
         }
     }
@@ -353,14 +349,16 @@ struct Held {
 impl Worker {
     async fn run(mut self) {
         let mut held: Option<Held> = None;
-        let mut retry_in = Duration::ZERO;
+        // When to hand a state the daemon failed to persist over again; a
+        // deadline, so a stream of duplicates cannot keep pushing it back.
+        let mut retry_at = Instant::now();
         loop {
             let next = match &held {
                 None => self.queue.recv().await,
                 Some(_) => tokio::select! {
                     m = self.queue.recv() => m,
-                    _ = sleep(retry_in) => {
-                        if !self.hand_over(&mut held, &mut retry_in).await {
+                    _ = sleep_until(retry_at) => {
+                        if !self.hand_over(&mut held, &mut retry_at).await {
                             return;
                         }
                         continue;
@@ -380,9 +378,17 @@ impl Worker {
                 }
                 Verdict::Duplicate => self.ack(epoch, &publish).await,
                 Verdict::Accept(state) => {
-                    if let Some(h) = held.take() {
-                        if h.state.generation >= state.generation {
-                            // Not newer than the one still waiting to be persisted.
+                    if let Some(mut h) = held.take() {
+                        if h.state.generation == state.generation {
+                            // Redelivered (after a reconnect) while still not
+                            // persisted: this copy is the one to ack later.
+                            h.epoch = epoch;
+                            h.publish = publish;
+                            held = Some(h);
+                            continue;
+                        }
+                        if h.state.generation > state.generation {
+                            // Older than the state waiting to be persisted.
                             self.ack(epoch, &publish).await;
                             held = Some(h);
                             continue;
@@ -391,8 +397,8 @@ impl Worker {
                         self.ack(h.epoch, &h.publish).await;
                     }
                     held = Some(Held { epoch, publish, state });
-                    retry_in = Duration::ZERO;
-                    if !self.hand_over(&mut held, &mut retry_in).await {
+                    self.retry.reset();
+                    if !self.hand_over(&mut held, &mut retry_at).await {
                         return;
                     }
                 }
@@ -402,7 +408,7 @@ impl Worker {
 
     /// Gives the held state to the daemon and waits for `persisted`. Returns
     /// false when the daemon is gone.
-    async fn hand_over(&mut self, held: &mut Option<Held>, retry_in: &mut Duration) -> bool {
+    async fn hand_over(&mut self, held: &mut Option<Held>, retry_at: &mut Instant) -> bool {
         let Some(h) = held.as_ref() else { return true };
         let generation = h.state.generation;
         let (tx, rx) = oneshot::channel();
@@ -432,8 +438,9 @@ impl Worker {
                 self.retry.reset();
             }
             Err(reason) => {
-                *retry_in = self.retry.next_delay(None, rand::random::<f64>());
-                tracing::error!(generation, %reason, retry_in = ?*retry_in, "desired state not persisted");
+                let delay = self.retry.next_delay(None, rand::random::<f64>());
+                *retry_at = Instant::now() + delay;
+                tracing::error!(generation, %reason, retry_in = ?delay, "desired state not persisted");
                 let mut s = lock(&self.shared);
                 s.outbox.push_event(
                     EventKind::Error,

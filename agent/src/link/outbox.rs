@@ -20,8 +20,8 @@
 //!   queued publishes and drain the client's queue on disconnect.
 
 use skiff_common::protocol::{
-    clip, encode_event, encode_reported, Channel, Event, EventKind, Rejection, Reported,
-    EVENT_DETAIL_MAX, ONLINE,
+    clip, encode_event, encode_reported, Channel, Event, EventKind, Rejection, Reported, EVENT_DETAIL_MAX,
+    ONLINE,
 };
 use skiff_common::AppName;
 use std::collections::{BTreeMap, VecDeque};
@@ -94,13 +94,7 @@ impl Outbox {
 
     /// Queues an event and returns its sequence number. Never blocks: a full
     /// ring drops its oldest event.
-    pub fn push_event(
-        &mut self,
-        kind: EventKind,
-        app: Option<AppName>,
-        detail: String,
-        unix: u64,
-    ) -> u64 {
+    pub fn push_event(&mut self, kind: EventKind, app: Option<AppName>, detail: String, unix: u64) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.ring.is_full() {

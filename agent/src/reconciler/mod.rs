@@ -103,24 +103,11 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Create and start a container for `spec`.
-    Start {
-        app: AppName,
-        instance: u64,
-        spec: AppSpec,
-    },
+    Start { app: AppName, instance: u64, spec: AppSpec },
     /// SIGTERM, wait `grace`, then SIGKILL the whole cgroup.
-    Stop {
-        app: AppName,
-        instance: u64,
-        grace: Duration,
-    },
+    Stop { app: AppName, instance: u64, grace: Duration },
     /// Run one probe attempt within `probe.timeout`.
-    Probe {
-        app: AppName,
-        instance: u64,
-        kind: ProbeKind,
-        probe: skiff_common::Probe,
-    },
+    Probe { app: AppName, instance: u64, kind: ProbeKind, probe: skiff_common::Probe },
     /// Something a person or the controller should hear about.
     Note(Note),
 }

@@ -21,11 +21,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The order in which due probes of one container are emitted.
-const KINDS: [ProbeKind; 3] = [
-    ProbeKind::Startup,
-    ProbeKind::Liveness,
-    ProbeKind::Readiness,
-];
+const KINDS: [ProbeKind; 3] = [ProbeKind::Startup, ProbeKind::Liveness, ProbeKind::Readiness];
 
 /// The spec's probe of this kind, if it has one.
 pub(super) fn probe_of(spec: &AppSpec, kind: ProbeKind) -> Option<&Probe> {
@@ -40,9 +36,7 @@ pub(super) fn probe_of(spec: &AppSpec, kind: ProbeKind) -> Option<&Probe> {
 /// the agent; a year from now is "never" for a probe or a backoff.
 pub(super) fn after(t: Instant, d: Duration) -> Instant {
     const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
-    t.checked_add(d)
-        .or_else(|| t.checked_add(YEAR))
-        .unwrap_or(t)
+    t.checked_add(d).or_else(|| t.checked_add(YEAR)).unwrap_or(t)
 }
 
 /// What a probe result means for the container.
@@ -69,13 +63,7 @@ struct Slot {
 
 impl Slot {
     fn new(due: Option<Instant>) -> Slot {
-        Slot {
-            due,
-            in_flight: false,
-            successes: 0,
-            failures: 0,
-            health: Health::Unknown,
-        }
+        Slot { due, in_flight: false, successes: 0, failures: 0, health: Health::Unknown }
     }
 }
 
@@ -136,10 +124,7 @@ impl Probes {
 
     /// The earliest time an attempt is due.
     pub(super) fn next_due(&self) -> Option<Instant> {
-        KINDS
-            .iter()
-            .filter_map(|&k| self.slot(k).and_then(|s| s.due))
-            .min()
+        KINDS.iter().filter_map(|&k| self.slot(k).and_then(|s| s.due)).min()
     }
 
     pub(super) fn live(&self) -> Health {

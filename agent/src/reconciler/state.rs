@@ -61,7 +61,9 @@ enum StopWhy {
 #[derive(Debug)]
 enum State {
     /// To be started at the first `Tick` (start-up window, see `started_up`).
-    Pending { since: Instant },
+    Pending {
+        since: Instant,
+    },
     /// `Start` sent, waiting for `Started` or `StartFailed`.
     Starting(Container),
     Running {
@@ -79,9 +81,13 @@ enum State {
         live: Health,
     },
     /// Exited; started again at `until`.
-    Backoff { until: Instant },
+    Backoff {
+        until: Instant,
+    },
     /// Could not be started; tried again at `until`.
-    Failed { until: Instant },
+    Failed {
+        until: Instant,
+    },
     /// Exited and the restart policy says stay down.
     Exited,
 }
@@ -190,50 +196,25 @@ impl Reconciler {
                     app.on_tick(&mut env);
                 }
             }
-            Event::Adopted {
-                app,
-                instance,
-                spec,
-                pid,
-                running_since,
-            } => self.on_adopted(app, instance, spec, pid, running_since, now, &mut out),
-            Event::AdoptedExited {
-                app,
-                instance,
-                spec,
-                exit,
-            } => self.on_adopted_exited(app, instance, spec, exit, now, &mut out),
+            Event::Adopted { app, instance, spec, pid, running_since } => {
+                self.on_adopted(app, instance, spec, pid, running_since, now, &mut out)
+            }
+            Event::AdoptedExited { app, instance, spec, exit } => {
+                self.on_adopted_exited(app, instance, spec, exit, now, &mut out)
+            }
             Event::Started { app, instance, pid } => {
                 self.with_app(&app, now, &mut out, |a, env| {
                     a.on_started(instance, pid, env);
                     Fate::Keep
                 });
             }
-            Event::StartFailed {
-                app,
-                instance,
-                error,
-            } => {
-                self.with_app(&app, now, &mut out, |a, env| {
-                    a.on_start_failed(instance, error, env)
-                });
+            Event::StartFailed { app, instance, error } => {
+                self.with_app(&app, now, &mut out, |a, env| a.on_start_failed(instance, error, env));
             }
-            Event::Exited {
-                app,
-                instance,
-                exit,
-            } => {
-                self.with_app(&app, now, &mut out, |a, env| {
-                    a.on_exited(instance, exit, env)
-                });
+            Event::Exited { app, instance, exit } => {
+                self.with_app(&app, now, &mut out, |a, env| a.on_exited(instance, exit, env));
             }
-            Event::ProbeResult {
-                app,
-                instance,
-                kind,
-                ok,
-                detail,
-            } => {
+            Event::ProbeResult { app, instance, kind, ok, detail } => {
                 self.with_app(&app, now, &mut out, |a, env| {
                     a.on_probe_result(instance, kind, ok, detail, env);
                     Fate::Keep
@@ -281,11 +262,8 @@ impl Reconciler {
     fn on_desired(&mut self, state: DesiredState, now: Instant, out: &mut Vec<Action>) {
         self.generation = state.generation;
         self.desired_known = true;
-        let mut wanted: BTreeMap<AppName, AppSpec> = state
-            .apps
-            .into_iter()
-            .map(|a| (a.name.clone(), a))
-            .collect();
+        let mut wanted: BTreeMap<AppName, AppSpec> =
+            state.apps.into_iter().map(|a| (a.name.clone(), a)).collect();
         let names: BTreeSet<AppName> = self.apps.keys().chain(wanted.keys()).cloned().collect();
         let mut env = Env {
             now,
@@ -345,12 +323,7 @@ impl Reconciler {
         let desired = (!desired_known).then(|| spec.clone());
         let mut app = App::new(name.clone(), desired, State::Exited);
         let probes = Probes::new(&spec, running_since);
-        app.state = State::Running {
-            c: Container { instance, spec },
-            pid,
-            since: running_since,
-            probes,
-        };
+        app.state = State::Running { c: Container { instance, spec }, pid, since: running_since, probes };
         if desired_known {
             app.stop(StopWhy::Remove, &mut env);
         }
@@ -379,10 +352,7 @@ impl Reconciler {
             app.adopted_exit(spec, exit, &mut env);
             return;
         }
-        env.note(Note::Exited {
-            app: name.clone(),
-            exit,
-        });
+        env.note(Note::Exited { app: name.clone(), exit });
         if desired_known {
             // Not desired: there is nothing left to stop.
             env.note(Note::Removed { app: name });
@@ -430,51 +400,28 @@ impl App {
             self.restarts = self.restarts.saturating_add(1);
         }
         let instance = env.next_instance(&self.name);
-        env.out.push(Action::Start {
-            app: self.name.clone(),
-            instance,
-            spec: spec.clone(),
-        });
+        env.out.push(Action::Start { app: self.name.clone(), instance, spec: spec.clone() });
         self.state = State::Starting(Container { instance, spec });
     }
 
     /// Sends `Stop` to the running container; anything else is left alone.
     fn stop(&mut self, why: StopWhy, env: &mut Env) {
         let state = std::mem::replace(&mut self.state, State::Exited);
-        let State::Running {
-            c,
-            pid,
-            since,
-            probes,
-        } = state
-        else {
+        let State::Running { c, pid, since, probes } = state else {
             self.state = state;
             return;
         };
         // A container on its way out serves nothing any more.
         if probes.ready() == Health::Passing {
-            env.note(Note::ReadyChanged {
-                app: self.name.clone(),
-                ready: false,
-            });
+            env.note(Note::ReadyChanged { app: self.name.clone(), ready: false });
         }
         let live = match (why, probes.live()) {
             (StopWhy::Unhealthy, Health::None) => Health::None,
             (StopWhy::Unhealthy, _) => Health::Failing,
             (_, live) => live,
         };
-        env.out.push(Action::Stop {
-            app: self.name.clone(),
-            instance: c.instance,
-            grace: c.spec.stop_grace,
-        });
-        self.state = State::Stopping {
-            c,
-            pid,
-            since,
-            why,
-            live,
-        };
+        env.out.push(Action::Stop { app: self.name.clone(), instance: c.instance, grace: c.spec.stop_grace });
+        self.state = State::Stopping { c, pid, since, why, live };
     }
 
     /// The backoff delay for the next restart; a run of at least
@@ -505,9 +452,7 @@ impl App {
             delay,
             restarts: self.restarts.saturating_add(1),
         });
-        self.state = State::Backoff {
-            until: after(env.now, delay),
-        };
+        self.state = State::Backoff { until: after(env.now, delay) };
     }
 
     fn set_spec(&mut self, spec: AppSpec, env: &mut Env) {
@@ -522,17 +467,13 @@ impl App {
             // Started or StartFailed will see the new spec.
             State::Pending { .. } | State::Starting(_) => {}
             State::Running { .. } => {
-                env.note(Note::Replacing {
-                    app: self.name.clone(),
-                });
+                env.note(Note::Replacing { app: self.name.clone() });
                 self.stop(StopWhy::Replace, env);
             }
             State::Stopping { why, .. } => {
                 if *why != StopWhy::Replace {
                     *why = StopWhy::Replace;
-                    env.note(Note::Replacing {
-                        app: self.name.clone(),
-                    });
+                    env.note(Note::Replacing { app: self.name.clone() });
                 }
             }
             // No container to replace.
@@ -543,13 +484,8 @@ impl App {
     fn remove(&mut self, env: &mut Env) -> Fate {
         self.desired = None;
         match &mut self.state {
-            State::Pending { .. }
-            | State::Backoff { .. }
-            | State::Failed { .. }
-            | State::Exited => {
-                env.note(Note::Removed {
-                    app: self.name.clone(),
-                });
+            State::Pending { .. } | State::Backoff { .. } | State::Failed { .. } | State::Exited => {
+                env.note(Note::Removed { app: self.name.clone() });
                 Fate::Forget
             }
             State::Starting(_) => Fate::Keep,
@@ -567,9 +503,7 @@ impl App {
     fn on_tick(&mut self, env: &mut Env) {
         match &mut self.state {
             State::Pending { .. } => self.launch(false, env),
-            State::Backoff { until } | State::Failed { until } if *until <= env.now => {
-                self.launch(true, env)
-            }
+            State::Backoff { until } | State::Failed { until } if *until <= env.now => self.launch(true, env),
             State::Running { c, probes, .. } => {
                 for kind in probes.fire(env.now) {
                     if let Some(probe) = probe_of(&c.spec, kind) {
@@ -600,27 +534,16 @@ impl App {
             State::Starting(c) if c.instance == instance => c.clone(),
             _ => return,
         };
-        env.note(Note::Started {
-            app: self.name.clone(),
-            instance,
-            pid,
-        });
+        env.note(Note::Started { app: self.name.clone(), instance, pid });
         self.error = None;
         let probes = Probes::new(&c.spec, env.now);
         let wanted = self.desired.as_ref().map(|d| *d == c.spec);
-        self.state = State::Running {
-            c,
-            pid,
-            since: env.now,
-            probes,
-        };
+        self.state = State::Running { c, pid, since: env.now, probes };
         // The desired state changed while it was being created.
         match wanted {
             None => self.stop(StopWhy::Remove, env),
             Some(false) => {
-                env.note(Note::Replacing {
-                    app: self.name.clone(),
-                });
+                env.note(Note::Replacing { app: self.name.clone() });
                 self.stop(StopWhy::Replace, env);
             }
             Some(true) => {}
@@ -632,16 +555,11 @@ impl App {
             State::Starting(c) if c.instance == instance => c.clone(),
             _ => return Fate::Keep,
         };
-        env.note(Note::StartFailed {
-            app: self.name.clone(),
-            error: error.clone(),
-        });
+        env.note(Note::StartFailed { app: self.name.clone(), error: error.clone() });
         self.error = Some(error);
         match &self.desired {
             None => {
-                env.note(Note::Removed {
-                    app: self.name.clone(),
-                });
+                env.note(Note::Removed { app: self.name.clone() });
                 Fate::Forget
             }
             Some(d) if *d != c.spec => {
@@ -657,9 +575,7 @@ impl App {
                     delay,
                     restarts: self.restarts.saturating_add(1),
                 });
-                self.state = State::Failed {
-                    until: after(env.now, delay),
-                };
+                self.state = State::Failed { until: after(env.now, delay) };
                 Fate::Keep
             }
         }
@@ -670,10 +586,7 @@ impl App {
             return Fate::Keep;
         }
         self.last_exit = Some(exit);
-        env.note(Note::Exited {
-            app: self.name.clone(),
-            exit,
-        });
+        env.note(Note::Exited { app: self.name.clone(), exit });
         let state = std::mem::replace(&mut self.state, State::Exited);
         let (spec, ran) = match &state {
             State::Starting(c) => (&c.spec, Duration::ZERO),
@@ -683,9 +596,7 @@ impl App {
             _ => return Fate::Keep, // unreachable: it has a container
         };
         let Some(desired) = &self.desired else {
-            env.note(Note::Removed {
-                app: self.name.clone(),
-            });
+            env.note(Note::Removed { app: self.name.clone() });
             return Fate::Forget;
         };
         if desired != spec {
@@ -696,18 +607,12 @@ impl App {
         match state {
             State::Running { probes, .. } => {
                 if probes.ready() == Health::Passing {
-                    env.note(Note::ReadyChanged {
-                        app: self.name.clone(),
-                        ready: false,
-                    });
+                    env.note(Note::ReadyChanged { app: self.name.clone(), ready: false });
                 }
                 self.after_exit(exit.success(), ran, env);
             }
             // Kubelet: a liveness kill is a failure, whatever the exit code.
-            State::Stopping {
-                why: StopWhy::Unhealthy,
-                ..
-            } => self.after_exit(false, ran, env),
+            State::Stopping { why: StopWhy::Unhealthy, .. } => self.after_exit(false, ran, env),
             // Stopped for a replacement or removal that was then undone: the
             // desired spec is wanted, start it afresh.
             State::Stopping { .. } => self.launch(false, env),
@@ -716,14 +621,7 @@ impl App {
         Fate::Keep
     }
 
-    fn on_probe_result(
-        &mut self,
-        instance: u64,
-        kind: ProbeKind,
-        ok: bool,
-        detail: String,
-        env: &mut Env,
-    ) {
+    fn on_probe_result(&mut self, instance: u64, kind: ProbeKind, ok: bool, detail: String, env: &mut Env) {
         let State::Running { c, probes, .. } = &mut self.state else {
             return;
         };
@@ -738,23 +636,13 @@ impl App {
             *noted = false;
         } else if !*noted {
             *noted = true;
-            env.note(Note::ProbeFailed {
-                app: self.name.clone(),
-                kind,
-                detail,
-            });
+            env.note(Note::ProbeFailed { app: self.name.clone(), kind, detail });
         }
         match verdict {
             Verdict::Nothing => {}
-            Verdict::ReadyChanged(ready) => env.note(Note::ReadyChanged {
-                app: self.name.clone(),
-                ready,
-            }),
+            Verdict::ReadyChanged(ready) => env.note(Note::ReadyChanged { app: self.name.clone(), ready }),
             Verdict::Kill => {
-                env.note(Note::Unhealthy {
-                    app: self.name.clone(),
-                    kind,
-                });
+                env.note(Note::Unhealthy { app: self.name.clone(), kind });
                 self.stop(StopWhy::Unhealthy, env);
             }
         }
@@ -766,26 +654,15 @@ impl App {
             // A second container of one app (a crash mid-replacement, or a
             // start raced the adoption): keep the one already tracked.
             if c.instance != instance {
-                env.out.push(Action::Stop {
-                    app: self.name.clone(),
-                    instance,
-                    grace: spec.stop_grace,
-                });
+                env.out.push(Action::Stop { app: self.name.clone(), instance, grace: spec.stop_grace });
             }
             return;
         }
         let probes = Probes::new(&spec, since);
         let wanted = self.desired.as_ref() == Some(&spec);
-        self.state = State::Running {
-            c: Container { instance, spec },
-            pid,
-            since,
-            probes,
-        };
+        self.state = State::Running { c: Container { instance, spec }, pid, since, probes };
         if !wanted {
-            env.note(Note::Replacing {
-                app: self.name.clone(),
-            });
+            env.note(Note::Replacing { app: self.name.clone() });
             self.stop(StopWhy::Replace, env);
         }
     }
@@ -796,10 +673,7 @@ impl App {
             return;
         }
         self.last_exit = Some(exit);
-        env.note(Note::Exited {
-            app: self.name.clone(),
-            exit,
-        });
+        env.note(Note::Exited { app: self.name.clone(), exit });
         // With another spec desired, the pending start of that spec stands.
         if self.desired.as_ref() == Some(&spec) {
             self.after_exit(exit.success(), Duration::ZERO, env);
@@ -813,15 +687,10 @@ impl App {
             .or(self.container().map(|c| &c.spec))
             .expect("an app record has a desired spec or a container");
         let (phase, pid, live, ready) = match &self.state {
-            State::Running { pid, probes, .. } => {
-                (Phase::Running, Some(*pid), probes.live(), probes.ready())
+            State::Running { pid, probes, .. } => (Phase::Running, Some(*pid), probes.live(), probes.ready()),
+            State::Stopping { pid, live, c, .. } => {
+                (Phase::Stopping, Some(*pid), *live, unprobed(c.spec.readiness.as_ref()))
             }
-            State::Stopping { pid, live, c, .. } => (
-                Phase::Stopping,
-                Some(*pid),
-                *live,
-                unprobed(c.spec.readiness.as_ref()),
-            ),
             other => {
                 let phase = match other {
                     State::Backoff { .. } => Phase::Backoff,
@@ -830,12 +699,7 @@ impl App {
                     _ => Phase::Starting,
                 };
                 let spec = self.container().map_or(spec, |c| &c.spec);
-                (
-                    phase,
-                    None,
-                    unprobed(spec.liveness.as_ref()),
-                    unprobed(spec.readiness.as_ref()),
-                )
+                (phase, None, unprobed(spec.liveness.as_ref()), unprobed(spec.readiness.as_ref()))
             }
         };
         AppStatus {

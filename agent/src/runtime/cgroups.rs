@@ -40,7 +40,17 @@ impl Cgroups {
                 }
                 "cgroup" => {
                     for opt in super_opts.split(',') {
-                        if matches!(opt, "cpu" | "cpuacct" | "memory" | "pids" | "devices" | "freezer" | "cpuset" | "blkio") {
+                        if matches!(
+                            opt,
+                            "cpu"
+                                | "cpuacct"
+                                | "memory"
+                                | "pids"
+                                | "devices"
+                                | "freezer"
+                                | "cpuset"
+                                | "blkio"
+                        ) {
                             v1.push((opt.to_string(), PathBuf::from(mount_point)));
                         }
                     }
@@ -88,7 +98,9 @@ impl Cgroups {
     /// CPU time used by `cgroup`, in nanoseconds.
     pub fn cpu_usage_ns(&self, cgroup: &str) -> Option<u64> {
         match self.version {
-            CgroupVersion::V2 => keyed(&self.read("cpu", cgroup, "cpu.stat")?, "usage_usec").map(|us| us * 1000),
+            CgroupVersion::V2 => {
+                keyed(&self.read("cpu", cgroup, "cpu.stat")?, "usage_usec").map(|us| us * 1000)
+            }
             CgroupVersion::V1 => self.read("cpuacct", cgroup, "cpuacct.usage")?.trim().parse().ok(),
         }
     }
@@ -133,7 +145,10 @@ mod tests {
     fn detects_hybrid_as_v1_with_comounted_controllers() {
         let c = Cgroups::from_mountinfo(HYBRID, |_| None).unwrap();
         assert_eq!(c.version, CgroupVersion::V1);
-        assert_eq!(c.dir("cpuacct", "/skiff/web").unwrap(), Path::new("/sys/fs/cgroup/cpu,cpuacct/skiff/web"));
+        assert_eq!(
+            c.dir("cpuacct", "/skiff/web").unwrap(),
+            Path::new("/sys/fs/cgroup/cpu,cpuacct/skiff/web")
+        );
         assert_eq!(c.dir("memory", "/skiff/web").unwrap(), Path::new("/sys/fs/cgroup/memory/skiff/web"));
         assert!(c.dir("pids", "/x").is_none());
     }

@@ -63,7 +63,9 @@ pub fn write<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> 
 /// `Ok(None)` when the file does not exist.
 pub fn read<T: DeserializeOwned>(dir: &Path, name: &str) -> io::Result<Option<T>> {
     match std::fs::read(dir.join(name)) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", dir.join(name).display()))),
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", dir.join(name).display()))
+        }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }

@@ -61,6 +61,9 @@ pub enum FoundState {
     /// The shim is gone without recording an exit (killed): the container may
     /// linger. It is killed and counted as failed.
     Lost,
+    /// The agent died before the container was started: nothing ran, nothing
+    /// to count. The leftovers are removed and the app starts normally.
+    NeverStarted,
 }
 
 pub struct Runtime {
@@ -81,7 +84,11 @@ impl Runtime {
 
     /// Creates and starts a container; returns its `Started` record, the image
     /// digest, and the shim child (to be awaited by `wait_exit`).
-    pub async fn start(&self, spec: &AppSpec, instance: u64) -> Result<(Started, String, Child), RuntimeError> {
+    pub async fn start(
+        &self,
+        spec: &AppSpec,
+        instance: u64,
+    ) -> Result<(Started, String, Child), RuntimeError> {
         let resolved = self
             .images
             .resolve(&spec.image)
@@ -96,7 +103,9 @@ impl Runtime {
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         for m in &spec.mounts {
             // Volumes are created on first use, like Docker's named volumes.
-            if !Path::new(&m.source).exists() && m.source.starts_with(self.paths.state_dir.to_string_lossy().as_ref()) {
+            if !Path::new(&m.source).exists()
+                && m.source.starts_with(self.paths.state_dir.to_string_lossy().as_ref())
+            {
                 std::fs::create_dir_all(&m.source).map_err(io_err(Path::new(&m.source)))?;
             }
         }
@@ -147,15 +156,22 @@ impl Runtime {
                 return Err(RuntimeError::Handshake(HANDSHAKE));
             }
         }
-        let started: Started = instance::read(&dir, instance::STARTED)
-            .map_err(io_err(&dir))?
-            .ok_or_else(|| RuntimeError::Start("the shim reported success but wrote no started.json".into()))?;
+        let started: Started =
+            instance::read(&dir, instance::STARTED).map_err(io_err(&dir))?.ok_or_else(|| {
+                RuntimeError::Start("the shim reported success but wrote no started.json".into())
+            })?;
         Ok((started, resolved.digest, child))
     }
 
     /// Waits until the instance has exited and returns how. `child` is the shim
     /// when this agent spawned it; adopted shims are polled.
-    pub async fn wait_exit(&self, app: &AppName, instance: u64, child: Option<Child>, started: Started) -> ExitInfo {
+    pub async fn wait_exit(
+        &self,
+        app: &AppName,
+        instance: u64,
+        child: Option<Child>,
+        started: Started,
+    ) -> ExitInfo {
         let dir = self.paths.instance(app, instance);
         if let Some(mut child) = child {
             let _ = child.wait().await;
@@ -220,9 +236,23 @@ impl Runtime {
                 let state = match (exit, started) {
                     (Some(e), _) => FoundState::Exited(e.exit),
                     (None, Some(s)) if instance::shim_alive(&s) => FoundState::Running(s),
-                    _ => FoundState::Lost,
+                    (None, Some(_)) => FoundState::Lost,
+                    // A bundle or libcontainer state means creation had begun.
+                    (None, None)
+                        if dir.join("bundle").exists()
+                            || self.paths.containers().join(&cfg.container_id).exists() =>
+                    {
+                        FoundState::Lost
+                    }
+                    (None, None) => FoundState::NeverStarted,
                 };
-                out.push(Found { app: app.clone(), instance, spec: cfg.spec, image_digest: cfg.image_digest, state });
+                out.push(Found {
+                    app: app.clone(),
+                    instance,
+                    spec: cfg.spec,
+                    image_digest: cfg.image_digest,
+                    state,
+                });
             }
         }
         out.sort_by(|a, b| (&a.app, a.instance).cmp(&(&b.app, b.instance)));

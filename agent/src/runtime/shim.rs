@@ -27,7 +27,6 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 pub fn main(dir: &Path) -> i32 {
     let cfg: ShimConfig = match instance::read(dir, instance::CONFIG) {
@@ -92,22 +91,31 @@ fn host_device(path: &str) -> anyhow::Result<HostDevice> {
     })
 }
 
-fn create_and_start(dir: &Path, cfg: &ShimConfig, cgroups: Option<&Cgroups>, created: &mut bool) -> anyhow::Result<i32> {
+fn create_and_start(
+    dir: &Path,
+    cfg: &ShimConfig,
+    cgroups: Option<&Cgroups>,
+    created: &mut bool,
+) -> anyhow::Result<i32> {
     let cgroups = cgroups.ok_or_else(|| anyhow!("no cgroup file system is mounted"))?;
     let devices = cfg.spec.devices.iter().map(|d| host_device(d)).collect::<anyhow::Result<Vec<_>>>()?;
     // A device file bound in through `mounts` would bypass the device list on
     // hosts where the device cgroup cannot be enforced: refuse it everywhere.
     for m in &cfg.spec.mounts {
-        let ft = std::fs::metadata(&m.source).with_context(|| format!("mount source {}", m.source))?.file_type();
+        let ft =
+            std::fs::metadata(&m.source).with_context(|| format!("mount source {}", m.source))?.file_type();
         if ft.is_char_device() || ft.is_block_device() {
             bail!("mount source {} is a device: list it under `devices` instead", m.source);
         }
     }
     let host_files: Vec<(String, String)> = ["/etc/resolv.conf", "/etc/hosts"]
         .iter()
-        .filter_map(|f| std::fs::canonicalize(f).ok().map(|p| (p.to_string_lossy().into_owned(), f.to_string())))
+        .filter_map(|f| {
+            std::fs::canonicalize(f).ok().map(|p| (p.to_string_lossy().into_owned(), f.to_string()))
+        })
         .collect();
-    let rootfs = image::mount_rootfs(&cfg.image_rootfs, &dir.join("rootfs")).context("preparing the root file system")?;
+    let rootfs = image::mount_rootfs(&cfg.image_rootfs, &dir.join("rootfs"))
+        .context("preparing the root file system")?;
     let rootfs = rootfs.to_str().ok_or_else(|| anyhow!("rootfs path is not UTF-8"))?.to_string();
     let spec = spec::build(&SpecInputs {
         app: &cfg.spec,
@@ -123,9 +131,11 @@ fn create_and_start(dir: &Path, cfg: &ShimConfig, cgroups: Option<&Cgroups>, cre
     std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
     std::fs::create_dir_all(&cfg.container_root)?;
 
-    let log = Arc::new(Mutex::new(RotatingLog::open(&cfg.log_dir, cfg.spec.name.as_str(), cfg.log_cap)?));
+    let mut log = RotatingLog::open(&cfg.log_dir, cfg.spec.name.as_str(), cfg.log_cap)?;
+    // One pipe for stdout and stderr: the log keeps the order the app wrote
+    // in, as `2>&1` would (two pipes drained by two threads reorder them).
     let (out_r, out_w) = nix::unistd::pipe()?;
-    let (err_r, err_w) = nix::unistd::pipe()?;
+    let err_w = out_w.try_clone()?;
     let devnull = std::fs::File::open("/dev/null")?;
 
     crate::sys::default_sigpipe();
@@ -149,16 +159,19 @@ fn create_and_start(dir: &Path, cfg: &ShimConfig, cgroups: Option<&Cgroups>, cre
             // libcontainer reports the init's own errors on the container's stderr.
             // Non-blocking: a half-started init may still hold the write end.
             let mut detail = String::new();
-            let _ = nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&err_r), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK));
-            let _ = std::fs::File::from(err_r).read_to_string(&mut detail);
-            bail!("creating the container: {e}{}", if detail.is_empty() { String::new() } else { format!(": {}", detail.trim()) });
+            let _ = nix::fcntl::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&out_r),
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            );
+            let _ = std::fs::File::from(out_r).read_to_string(&mut detail);
+            bail!(
+                "creating the container: {e}{}",
+                if detail.is_empty() { String::new() } else { format!(": {}", detail.trim()) }
+            );
         }
     };
     // The write ends now live only in the container: EOF comes when it is gone.
-    for (fd, prefix) in [(out_r, "stdout"), (err_r, "stderr")] {
-        let log = log.clone();
-        std::thread::Builder::new().name(prefix.into()).spawn(move || copy_to_log(fd, &log))?;
-    }
+    std::thread::Builder::new().name("output".into()).spawn(move || copy_to_log(out_r, &mut log))?;
     container.start().context("starting the container")?;
     let pid = container.pid().ok_or_else(|| anyhow!("container has no pid after start"))?.as_raw();
     let me = std::process::id() as i32;
@@ -172,15 +185,14 @@ fn create_and_start(dir: &Path, cfg: &ShimConfig, cgroups: Option<&Cgroups>, cre
     Ok(pid)
 }
 
-fn copy_to_log(fd: OwnedFd, log: &Mutex<RotatingLog>) {
+fn copy_to_log(fd: OwnedFd, log: &mut RotatingLog) {
     let mut f = std::fs::File::from(fd);
     let mut buf = [0u8; 8192];
     loop {
         match f.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {
-                let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = l.write(&buf[..n]) {
+                if let Err(e) = log.write(&buf[..n]) {
                     // Keep draining so the container never blocks on a full pipe.
                     eprintln!("shim: log write failed: {e}");
                 }
@@ -194,8 +206,12 @@ fn copy_to_log(fd: OwnedFd, log: &Mutex<RotatingLog>) {
 fn wait_exit(pid: i32) -> ExitInfo {
     loop {
         match waitpid(Pid::from_raw(pid), None) {
-            Ok(WaitStatus::Exited(_, code)) => return ExitInfo { code: Some(code), signal: None, oom_killed: false },
-            Ok(WaitStatus::Signaled(_, sig, _)) => return ExitInfo { code: None, signal: Some(sig as i32), oom_killed: false },
+            Ok(WaitStatus::Exited(_, code)) => {
+                return ExitInfo { code: Some(code), signal: None, oom_killed: false }
+            }
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                return ExitInfo { code: None, signal: Some(sig as i32), oom_killed: false }
+            }
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 eprintln!("shim: waitpid({pid}): {e}");

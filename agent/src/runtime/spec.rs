@@ -87,13 +87,7 @@ const MASKED: &[&str] = &[
     "/sys/devices/virtual/powercap",
 ];
 
-const READONLY: &[&str] = &[
-    "/proc/bus",
-    "/proc/fs",
-    "/proc/irq",
-    "/proc/sys",
-    "/proc/sysrq-trigger",
-];
+const READONLY: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
 
 /// The CFS period used for CPU quotas (the kernel default, 100 ms).
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -177,7 +171,12 @@ pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
         mounts.push(json!({"destination": m.target, "type": "bind", "source": m.source, "options": options}));
     }
 
-    let mut namespaces = vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+    ];
     if app.network == NetworkMode::None {
         namespaces.push(json!({"type": "network"}));
     }
@@ -267,7 +266,15 @@ mod tests {
     #[test]
     fn limits_devices_and_namespaces() {
         let a = app("command = [\"httpd\", \"-f\"]\nenv = { MODE = \"prod\" }\ndevices = [\"/dev/ttyUSB0\"]\n[app.resources]\ncpus = 0.5\nmemory = \"32Mi\"\npids = 64\n");
-        let dev = HostDevice { path: "/dev/ttyUSB0".into(), kind: 'c', major: 188, minor: 0, mode: 0o20660, uid: 0, gid: 20 };
+        let dev = HostDevice {
+            path: "/dev/ttyUSB0".into(),
+            kind: 'c',
+            major: 188,
+            minor: 0,
+            mode: 0o20660,
+            uid: 0,
+            gid: 20,
+        };
         let s = build_for(&a, CgroupVersion::V1, std::slice::from_ref(&dev));
         let r = &s["linux"]["resources"];
         assert_eq!(r["memory"]["limit"], 32 << 20);
@@ -281,9 +288,15 @@ mod tests {
         assert_eq!(s["process"]["args"], json!(["httpd", "-f"]));
         assert_eq!(s["process"]["env"], json!(["PATH=/bin", "MODE=prod"]));
         assert_eq!(s["process"]["noNewPrivileges"], true);
-        let ns: Vec<&str> = s["linux"]["namespaces"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
+        let ns: Vec<&str> = s["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
         assert_eq!(ns, ["pid", "ipc", "uts", "mount"], "host network, no cgroup ns on v1");
-        let dests: Vec<&str> = s["mounts"].as_array().unwrap().iter().map(|m| m["destination"].as_str().unwrap()).collect();
+        let dests: Vec<&str> =
+            s["mounts"].as_array().unwrap().iter().map(|m| m["destination"].as_str().unwrap()).collect();
         assert!(!dests.contains(&"/sys/fs/cgroup"), "no cgroup mount on v1");
         assert!(dests.contains(&"/etc/resolv.conf"), "host network gets resolv.conf");
     }
@@ -292,9 +305,15 @@ mod tests {
     fn v2_and_private_network() {
         let a = app("network = \"none\"\n");
         let s = build_for(&a, CgroupVersion::V2, &[]);
-        let ns: Vec<&str> = s["linux"]["namespaces"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
+        let ns: Vec<&str> = s["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
         assert_eq!(ns, ["pid", "ipc", "uts", "mount", "network", "cgroup"]);
-        let dests: Vec<&str> = s["mounts"].as_array().unwrap().iter().map(|m| m["destination"].as_str().unwrap()).collect();
+        let dests: Vec<&str> =
+            s["mounts"].as_array().unwrap().iter().map(|m| m["destination"].as_str().unwrap()).collect();
         assert!(dests.contains(&"/sys/fs/cgroup"));
         assert!(!dests.contains(&"/etc/resolv.conf"));
         assert_eq!(s["process"]["args"], json!(["sh"]), "image cmd when no command");
@@ -306,7 +325,10 @@ mod tests {
         let a = app("mounts = [{ source = \"/srv\", target = \"/data\", readonly = true }]\n");
         let s = build_for(&a, CgroupVersion::V1, &[]);
         let m = s["mounts"].as_array().unwrap().last().unwrap().clone();
-        assert_eq!(m, json!({"destination": "/data", "type": "bind", "source": "/srv", "options": ["rbind", "rprivate", "ro"]}));
+        assert_eq!(
+            m,
+            json!({"destination": "/data", "type": "bind", "source": "/srv", "options": ["rbind", "rprivate", "ro"]})
+        );
         assert_eq!(parse_user(Some("1000:100")), Ok((1000, 100)));
         assert_eq!(parse_user(Some("65534")), Ok((65534, 65534)));
         assert!(parse_user(Some("nobody")).is_err());

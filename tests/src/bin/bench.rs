@@ -1,0 +1,215 @@
+//! `cargo run --release -p skiff-tests --bin bench`: skiff's figures, measured
+//! against a peer in the same run where there is one.
+//!
+//! - container start: from `skiff apply` of a desired state to the app's
+//!   process running (it touches a file in a bind mount, which this polls),
+//!   median and p95 over 20, against `runc run -d` of the same rootfs and
+//!   command measured the same way;
+//! - memory: PSS of the agent and its shims, idle, with 10 running apps;
+//! - sizes of the stripped release binaries (and aarch64 ones if built).
+
+use serde_json::Value;
+use skiff_tests::agent::{repo, wait_for, Sandbox};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const RUNS: usize = 20;
+
+fn main() {
+    if std::env::var_os("SKIFF_BIN").is_none() {
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "--release", "-q", "-p", "skiff-agent", "-p", "skiff-controller"])
+            .current_dir(repo())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::env::set_var("SKIFF_BIN", repo().join("target/release/skiff"));
+    }
+    println!("skiff benchmarks ({} runs where timed)\n", RUNS);
+    start_latency();
+    memory();
+    sizes();
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = v[v.len() / 2];
+    let p95 = v[((v.len() as f64 * 0.95).ceil() as usize).min(v.len()) - 1];
+    (median, p95, v[0])
+}
+
+fn wait_file(p: &Path, timeout: Duration) -> Duration {
+    let t = Instant::now();
+    while !p.exists() {
+        assert!(t.elapsed() < timeout, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    t.elapsed()
+}
+
+fn start_latency() {
+    let mut sb = Sandbox::new();
+    sb.start_agent();
+    let mark = sb.dir.path().join("mark");
+    std::fs::create_dir_all(&mark).unwrap();
+    let app = |i: usize| {
+        format!(
+            "[[app]]\nname = \"bench\"\nimage = \"busybox:1\"\ncommand = [\"sh\", \"-c\", \"touch /mark/up; exec sleep 600\"]\nenv = {{ RUN = \"{i}\" }}\nstop_grace = \"0s\"\nmounts = [{{ source = \"{}\", target = \"/mark\" }}]\n",
+            mark.display()
+        )
+    };
+    let up = mark.join("up");
+    let mut skiff = Vec::new();
+    let mut bundle: Option<Value> = None;
+    for i in 0..RUNS + 1 {
+        sb.apply("");
+        wait_for(Duration::from_secs(20), "no app", || {
+            sb.ps()["apps"].as_array().unwrap().is_empty().then_some(())
+        });
+        let _ = std::fs::remove_file(&up);
+        let t = Instant::now();
+        sb.apply(&app(i));
+        wait_file(&up, Duration::from_secs(20));
+        if i > 0 {
+            skiff.push(t.elapsed().as_secs_f64() * 1000.0); // the first run warms caches
+        }
+        if bundle.is_none() {
+            let a = sb.wait_running("bench");
+            let _ = a;
+            bundle = find_bundle(&sb.run_dir());
+        }
+    }
+    sb.apply("");
+
+    // runc on the same rootfs, command and bind mount.
+    let mut spec = bundle.expect("skiff's bundle config");
+    let dir = sb.dir.path().join("runc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let image_rootfs = image_rootfs(&sb);
+    spec["root"] = serde_json::json!({"path": image_rootfs, "readonly": true});
+    spec["linux"]["cgroupsPath"] = Value::from(format!("/{}/runc", sb.cgroup_root));
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+    let state = dir.join("state");
+    let mut runc = Vec::new();
+    for i in 0..RUNS + 1 {
+        let _ = std::fs::remove_file(&up);
+        let id = format!("bench-runc-{i}");
+        let t = Instant::now();
+        let st = Command::new("runc")
+            .arg("--root")
+            .arg(&state)
+            .args(["run", "-d", "--bundle"])
+            .arg(&dir)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()
+            .expect("runc (apt install runc)");
+        assert!(st.success(), "runc run failed");
+        wait_file(&up, Duration::from_secs(20));
+        if i > 0 {
+            runc.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let _ = Command::new("runc").arg("--root").arg(&state).args(["delete", "-f", &id]).status();
+    }
+    let (sm, sp, smin) = stats(skiff);
+    let (rm, rp, rmin) = stats(runc);
+    println!("container start, desired state -> process running (ms)");
+    println!(
+        "  {:<44} median {sm:7.1}  p95 {sp:7.1}  min {smin:7.1}",
+        "skiff apply -> running (agent + shim + libcontainer)"
+    );
+    println!(
+        "  {:<44} median {rm:7.1}  p95 {rp:7.1}  min {rmin:7.1}",
+        "runc run -d, same rootfs and command"
+    );
+    println!("  ratio skiff / runc (median): {:.2}\n", sm / rm);
+}
+
+fn find_bundle(run: &Path) -> Option<Value> {
+    let apps = run.join("apps/bench");
+    for e in std::fs::read_dir(apps).ok()?.flatten() {
+        if let Ok(b) = std::fs::read(e.path().join("bundle/config.json")) {
+            return serde_json::from_slice(&b).ok();
+        }
+    }
+    None
+}
+
+fn image_rootfs(sb: &Sandbox) -> PathBuf {
+    let root = sb.state_dir().join("images/rootfs");
+    std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("bin/busybox").exists())
+        .expect("unpacked busybox rootfs")
+}
+
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Pss:").map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+fn memory() {
+    let mut sb = Sandbox::new();
+    sb.start_agent();
+    let apps: String = (0..10).map(|i| format!("[[app]]\nname = \"idle-{i}\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"3600\"]\nstop_grace = \"0s\"\n")).collect();
+    sb.apply(&apps);
+    for i in 0..10 {
+        sb.wait_running(&format!("idle-{i}"));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let agent = pss_kib(sb.agent_pid().unwrap());
+    let needle = sb.run_dir().to_string_lossy().to_string();
+    let shims: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let c = String::from_utf8_lossy(&c);
+            c.contains("\0shim\0") && c.contains(&needle)
+        })
+        .collect();
+    let shim_total: u64 = shims.iter().map(|p| pss_kib(*p)).sum();
+    println!("memory, idle with 10 running apps (PSS, KiB)");
+    println!("  agent                      {agent:8}");
+    println!(
+        "  shims ({:2})                 {shim_total:8}  ({} each on average)",
+        shims.len(),
+        shim_total / shims.len().max(1) as u64
+    );
+    println!(
+        "  total                      {:8}  ({:.1} MiB)\n",
+        agent + shim_total,
+        (agent + shim_total) as f64 / 1024.0
+    );
+    sb.apply("");
+}
+
+fn sizes() {
+    println!("stripped release binaries (bytes)");
+    let t = repo().join("target");
+    for (label, p) in [
+        ("x86_64 skiff", t.join("release/skiff")),
+        ("x86_64 skiffctl", t.join("release/skiffctl")),
+        ("aarch64-musl skiff", t.join("aarch64-unknown-linux-musl/release/skiff")),
+        ("aarch64-musl skiffctl", t.join("aarch64-unknown-linux-musl/release/skiffctl")),
+        ("armv7-gnueabihf skiff", t.join("armv7-unknown-linux-gnueabihf/release/skiff")),
+    ] {
+        match std::fs::metadata(&p) {
+            Ok(m) => {
+                println!("  {label:<24} {:>10}  ({:.2} MiB)", m.len(), m.len() as f64 / (1 << 20) as f64)
+            }
+            Err(_) => println!("  {label:<24} {:>10}  (not built: cross/build.sh)", "-"),
+        }
+    }
+}
