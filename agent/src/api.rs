@@ -37,6 +37,16 @@ pub struct PsReply {
     pub apps: Vec<AppStatus>,
     /// What each running app uses, read from its cgroup when asked.
     pub usage: Vec<Usage>,
+    /// The controller link, when the agent has one.
+    pub link: Option<LinkState>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct LinkState {
+    pub connected: bool,
+    /// Connections made since the agent started.
+    pub connects: u64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]

@@ -146,6 +146,58 @@ struct AgentArgs {
     /// An app that ran this long restarts with the base delay again.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     backoff_reset: Duration,
+    #[command(flatten)]
+    mqtt: MqttArgs,
+}
+
+/// The link to the controller. Without `--mqtt-broker` the agent runs on its
+/// local desired state alone.
+#[derive(Args)]
+struct MqttArgs {
+    /// mqtts://host:port (or mqtt:// for a test broker).
+    #[arg(long, env = "SKIFF_MQTT_BROKER")]
+    mqtt_broker: Option<String>,
+    /// This device's id: its topics, MQTT client id and certificate CN.
+    #[arg(long, env = "SKIFF_DEVICE", requires = "mqtt_broker")]
+    device: Option<String>,
+    /// The controller's public key file (from `skiffctl keygen`): only states it signed are applied.
+    #[arg(long, env = "SKIFF_CONTROLLER_KEY", requires = "mqtt_broker")]
+    controller_key: Option<PathBuf>,
+    /// CA certificate of the broker (PEM).
+    #[arg(long, env = "SKIFF_MQTT_CA")]
+    mqtt_ca: Option<PathBuf>,
+    /// This device's client certificate (PEM).
+    #[arg(long, env = "SKIFF_MQTT_CERT")]
+    mqtt_cert: Option<PathBuf>,
+    /// This device's client key (PEM).
+    #[arg(long, env = "SKIFF_MQTT_KEY")]
+    mqtt_key: Option<PathBuf>,
+    /// MQTT keepalive: a silent broker is noticed within about twice this.
+    #[arg(long, env = "SKIFF_MQTT_KEEPALIVE", default_value = "30s", value_parser = parse_duration)]
+    mqtt_keepalive: Duration,
+}
+
+impl MqttArgs {
+    fn link_config(&self) -> anyhow::Result<Option<crate::link::LinkConfig>> {
+        let Some(broker) = &self.mqtt_broker else { return Ok(None) };
+        let device = self.device.as_deref().ok_or_else(|| Invalid("--mqtt-broker needs --device".into()))?;
+        let device = skiff_common::protocol::DeviceId::try_from(device)
+            .map_err(|e| Invalid(format!("--device: {e}")))?;
+        let key_path = self
+            .controller_key
+            .as_ref()
+            .ok_or_else(|| Invalid("--mqtt-broker needs --controller-key".into()))?;
+        let text = std::fs::read_to_string(key_path)
+            .map_err(|e| Invalid(format!("--controller-key {}: {e}", key_path.display())))?;
+        let key = skiff_common::protocol::parse_public_key(&text)
+            .map_err(|e| Invalid(format!("--controller-key {}: {e}", key_path.display())))?;
+        let mut cfg = crate::link::LinkConfig::new(broker.clone(), device, key.to_bytes());
+        cfg.ca = self.mqtt_ca.clone();
+        cfg.cert = self.mqtt_cert.clone();
+        cfg.key = self.mqtt_key.clone();
+        cfg.keepalive = self.mqtt_keepalive;
+        Ok(Some(cfg))
+    }
 }
 
 pub fn main() -> i32 {
@@ -217,6 +269,7 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
         paths,
         backoff: BackoffConfig { base: a.backoff_base, max: a.backoff_max, reset_after: a.backoff_reset },
         log_cap: a.log_max_size,
+        link: a.mqtt.link_config()?,
     };
     rt()?.block_on(crate::daemon::run(cfg, shutdown_signal()))
 }
@@ -303,7 +356,12 @@ fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&reply)?);
         return Ok(());
     }
-    println!("generation {}", reply.generation);
+    let link = match &reply.link {
+        None => String::new(),
+        Some(l) if l.connected => ", controller link up".to_string(),
+        Some(l) => format!(", controller link down ({})", l.last_error.as_deref().unwrap_or("connecting")),
+    };
+    println!("generation {}{link}", reply.generation);
     println!(
         "{:<20} {:<9} {:>8} {:>8} {:>9} {:>8}  {:<12} {:<8} {:<8} IMAGE",
         "APP", "STATE", "PID", "MEM", "CPU", "RESTARTS", "LAST EXIT", "LIVE", "READY"

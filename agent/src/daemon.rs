@@ -10,11 +10,13 @@
 
 use crate::api::{self, PsReply, Request, Response};
 use crate::image::ImageStore;
+use crate::link::LinkHandle;
 use crate::paths::Paths;
 use crate::reconciler::{Action, BackoffConfig, Event, Note, Reconciler};
 use crate::runtime::{FoundState, Runtime};
 use crate::store::StateStore;
-use skiff_common::{AppName, AppStatus};
+use skiff_common::protocol::{EventKind, Reported};
+use skiff_common::{AppName, AppStatus, Origin};
 use std::collections::HashMap;
 use std::future::Future;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -31,6 +33,8 @@ pub struct AgentConfig {
     pub backoff: BackoffConfig,
     /// Bytes of log kept per app (current + rotated file).
     pub log_cap: u64,
+    /// The controller link; `None` runs on the local desired state alone.
+    pub link: Option<crate::link::LinkConfig>,
 }
 
 enum Input {
@@ -39,6 +43,8 @@ enum Input {
     Reload(Option<tokio::sync::oneshot::Sender<Result<u64, String>>>),
     /// The image digest a freshly started container runs.
     Digest(AppName, String),
+    /// From the controller link.
+    Link(crate::link::Incoming),
 }
 
 /// Shared read-only view for the API.
@@ -46,6 +52,7 @@ enum Input {
 struct View {
     generation: u64,
     apps: Vec<AppStatus>,
+    link: Option<tokio::sync::watch::Receiver<crate::link::LinkStatus>>,
 }
 
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -75,6 +82,24 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         warn!(%why, "desired state unreadable: running the previous generation");
     }
     info!(generation = loaded.state.generation, apps = loaded.state.apps.len(), "desired state loaded");
+    let mut origin = loaded.state.origin;
+    let link = match cfg.link {
+        Some(lc) => {
+            let (handle, mut incoming) = crate::link::spawn(lc, loaded.state.generation)?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(i) = incoming.recv().await {
+                    if tx.send(Input::Link(i)).is_err() {
+                        return;
+                    }
+                }
+            });
+            view.lock().unwrap_or_else(|p| p.into_inner()).link = Some(handle.status());
+            Some(handle)
+        }
+        None => None,
+    };
+    let mut reported: Option<(u64, Origin, Vec<AppStatus>)> = None;
     let now = Instant::now();
     let mut actions = rec.step(Event::Desired(loaded.state), now);
     for found in runtime.scan() {
@@ -110,8 +135,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         };
         actions.extend(rec.step(ev, now));
     }
-    ex.carry_out(actions);
+    ex.carry_out(actions, link.as_ref());
     publish(&rec, &digests, &view);
+    report(&rec, &view, origin, link.as_ref(), &mut reported);
 
     tokio::pin!(shutdown);
     loop {
@@ -140,6 +166,31 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 digests.insert(app, digest);
                 Vec::new()
             }
+            Input::Link(crate::link::Incoming::Desired { state, persisted }) => {
+                let generation = state.generation;
+                let superseded = (origin == Origin::Local && rec.generation() > 0).then(|| rec.generation());
+                // Persist before acknowledging: the link acks the broker only on Ok.
+                match store.save(state.clone(), Some(generation)) {
+                    Ok(_) => {
+                        let _ = persisted.send(Ok(()));
+                        info!(generation, apps = state.apps.len(), "desired state from the controller");
+                        if let (Some(l), Some(local)) = (&link, superseded) {
+                            l.event(
+                                EventKind::Replacing,
+                                None,
+                                format!("local desired state (generation {local}) replaced by the controller's generation {generation}; it is kept as desired.prev.skf"),
+                            );
+                        }
+                        origin = Origin::Controller;
+                        rec.step(Event::Desired(state), now)
+                    }
+                    Err(e) => {
+                        error!(%e, generation, "cannot persist the controller's desired state");
+                        let _ = persisted.send(Err(e.to_string()));
+                        Vec::new()
+                    }
+                }
+            }
             Input::Reload(reply) => match store.load() {
                 Ok(l) => {
                     if let Some(why) = &l.fell_back {
@@ -148,6 +199,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                     let generation = l.state.generation;
                     let actions = if generation != rec.generation() || rec.generation() == 0 {
                         info!(generation, apps = l.state.apps.len(), "desired state changed");
+                        origin = l.state.origin;
                         rec.step(Event::Desired(l.state), now)
                     } else {
                         Vec::new()
@@ -166,8 +218,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 }
             },
         };
-        ex.carry_out(actions);
+        ex.carry_out(actions, link.as_ref());
         publish(&rec, &digests, &view);
+        report(&rec, &view, origin, link.as_ref(), &mut reported);
     }
     info!("agent stopping; containers keep running");
     Ok(())
@@ -184,6 +237,33 @@ async fn sleep_until(deadline: Option<Instant>) {
 fn since(boot_ms: u64, now: Instant) -> Instant {
     let age = crate::runtime::instance::boot_ms().saturating_sub(boot_ms);
     now.checked_sub(Duration::from_millis(age)).unwrap_or(now)
+}
+
+/// Sends the observed state up when it changed since the last report (the
+/// link itself re-sends the newest one on every reconnect).
+fn report(
+    rec: &Reconciler,
+    view: &Mutex<View>,
+    origin: Origin,
+    link: Option<&LinkHandle>,
+    last: &mut Option<(u64, Origin, Vec<AppStatus>)>,
+) {
+    let Some(link) = link else { return };
+    let apps = view.lock().unwrap_or_else(|p| p.into_inner()).apps.clone();
+    let now = (rec.generation(), origin, apps);
+    if last.as_ref() == Some(&now) {
+        return;
+    }
+    link.report(Reported {
+        device: link.device().clone(),
+        generation_applied: now.0,
+        origin,
+        apps: now.2.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        last_rejection: None,
+        sent_unix: 0,
+    });
+    *last = Some(now);
 }
 
 fn publish(rec: &Reconciler, digests: &HashMap<AppName, String>, view: &Mutex<View>) {
@@ -206,7 +286,7 @@ impl Executor {
         let _ = tx.send(Input::Event(Box::new(ev)));
     }
 
-    fn carry_out(&mut self, actions: Vec<Action>) {
+    fn carry_out(&mut self, actions: Vec<Action>, link: Option<&LinkHandle>) {
         for a in actions {
             match a {
                 Action::Start { app, instance, spec } => {
@@ -243,7 +323,13 @@ impl Executor {
                         Self::send(&tx, Event::ProbeResult { app, instance, kind, ok, detail });
                     });
                 }
-                Action::Note(n) => log_note(&n),
+                Action::Note(n) => {
+                    log_note(&n);
+                    if let Some(l) = link {
+                        let (kind, app, detail) = note_event(&n);
+                        l.event(kind, Some(app), detail);
+                    }
+                }
             }
         }
     }
@@ -279,6 +365,42 @@ fn log_note(n: &Note) {
         Note::ReadyChanged { app, ready } => info!(app = %app, ready, "readiness changed"),
         Note::Replacing { app } => info!(app = %app, "spec changed: replacing the container"),
         Note::Removed { app } => info!(app = %app, "removed"),
+    }
+}
+
+/// A reconciler note as a controller event.
+fn note_event(n: &Note) -> (EventKind, AppName, String) {
+    match n {
+        Note::Started { app, instance, pid } => {
+            (EventKind::Started, app.clone(), format!("instance {instance}, pid {pid}"))
+        }
+        Note::StartFailed { app, error } => (EventKind::StartFailed, app.clone(), error.clone()),
+        Note::Exited { app, exit } if exit.oom_killed => {
+            (EventKind::OomKilled, app.clone(), "killed by the OOM killer".into())
+        }
+        Note::Exited { app, exit } => (
+            EventKind::Exited,
+            app.clone(),
+            match (exit.code, exit.signal) {
+                (Some(c), _) => format!("exit code {c}"),
+                (None, Some(s)) => format!("signal {s}"),
+                _ => "lost (its shim died)".into(),
+            },
+        ),
+        Note::Restarting { app, delay, restarts } => {
+            (EventKind::Restarting, app.clone(), format!("restart {restarts} in {delay:?}"))
+        }
+        Note::ProbeFailed { app, kind, detail } => {
+            (EventKind::ProbeFailed, app.clone(), format!("{kind:?}: {detail}"))
+        }
+        Note::Unhealthy { app, kind } => {
+            (EventKind::Unhealthy, app.clone(), format!("{kind:?} probe failed: killing"))
+        }
+        Note::ReadyChanged { app, ready } => {
+            (EventKind::ReadyChanged, app.clone(), format!("ready: {ready}"))
+        }
+        Note::Replacing { app } => (EventKind::Replacing, app.clone(), "spec changed".into()),
+        Note::Removed { app } => (EventKind::Removed, app.clone(), String::new()),
     }
 }
 
@@ -336,12 +458,20 @@ async fn serve_api(
             let reply = match api::read_request(&mut r).await {
                 Err(message) => Response::Error { message },
                 Ok(Request::Ps) => {
-                    let (generation, apps) = {
+                    let (generation, apps, link) = {
                         let v = view.lock().unwrap_or_else(|p| p.into_inner());
-                        (v.generation, v.apps.clone())
+                        let link = v.link.as_ref().map(|l| {
+                            let s = l.borrow();
+                            api::LinkState {
+                                connected: s.connected,
+                                connects: s.connects,
+                                last_error: s.last_error.clone(),
+                            }
+                        });
+                        (v.generation, v.apps.clone(), link)
                     };
                     let usage = usage.of(&apps);
-                    Response::Ps(PsReply { generation, apps, usage })
+                    Response::Ps(PsReply { generation, apps, usage, link })
                 }
                 Ok(Request::Reload) => {
                     let (otx, orx) = tokio::sync::oneshot::channel();

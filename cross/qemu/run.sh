@@ -3,8 +3,8 @@
 #
 #   cross/qemu/run.sh [--disk IMG] [--workdir DIR] [--timeout SECS] SCRIPT
 #
-# The guest gets the aarch64 `skiff` at /usr/bin/skiff, the OCI images of images/out (when
-# present) under /images, SCRIPT as /skiff/test.sh, and IMG (from cross/qemu/mkdisk.sh) as
+# The guest gets the aarch64 `skiff` at /usr/bin/skiff, the OCI layouts in images/out (when
+# present; e.g. images/out/busybox -> /images/busybox), SCRIPT as /skiff/test.sh, and IMG (from cross/qemu/mkdisk.sh) as
 # /dev/vda mounted on /var/lib/skiff. The console goes to stdout; see cross/qemu/init.sh for
 # the "@@SKIFF-GUEST" lines. QEMU exits 0 even when the guest panics: callers look for
 # "@@SKIFF-GUEST exit=0".
@@ -68,9 +68,12 @@ mkdir -p "$p/usr/bin" "$p/skiff"
 cp "$bin" "$p/usr/bin/skiff"
 cp "$script" "$p/skiff/test.sh"
 chmod 0755 "$p/usr/bin/skiff" "$p/skiff/test.sh"
-if [ -d "$images" ]; then
-    cp -a "$images" "$p/images"
-fi
+# Only the OCI layouts (images/out also holds tarballs of the same images).
+for d in "$images"/*/; do
+    [ -f "$d/oci-layout" ] || continue
+    mkdir -p "$p/images"
+    cp -a "${d%/}" "$p/images/"
+done
 (cd "$p" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$workdir/payload.cpio"
 cat "$INITRD_BASE" "$workdir/payload.cpio" >"$workdir/initrd"
 rm -rf "$p" "$workdir/payload.cpio"

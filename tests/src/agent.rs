@@ -32,6 +32,20 @@ pub fn skiff_bin() -> &'static Path {
     })
 }
 
+/// Builds (once) and returns the `skiffctl` binary.
+pub fn skiffctl_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "skiff-controller", "--bin", "skiffctl"])
+            .current_dir(repo())
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building skiffctl failed");
+        repo().join("target/debug/skiffctl")
+    })
+}
+
 /// The busybox OCI layout from images/build.sh (built on first use).
 pub fn busybox_image() -> &'static Path {
     static IMG: OnceLock<PathBuf> = OnceLock::new();

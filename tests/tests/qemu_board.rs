@@ -46,24 +46,36 @@ mod board {
         stdout
     }
 
-    /// Builds the static aarch64 binaries and the board, once per test process.
+    /// Builds the static aarch64 binaries and the board, once per test process. A failure is
+    /// remembered: every test fails with the same message instead of rebuilding.
     pub fn prepare() {
-        static READY: OnceLock<()> = OnceLock::new();
-        READY.get_or_init(|| {
-            assert!(
-                nix::unistd::geteuid().is_root(),
-                "the QEMU board tests run as root: cross/qemu/prepare.sh installs qemu-system-arm \
-                 and fetches Debian's arm64 kernel with apt"
-            );
-            let root = repo();
-            if std::env::var_os("SKIFF_GUEST_BIN").is_none() {
-                run_script(
-                    "cross/build.sh aarch64",
-                    Command::new("bash").arg(root.join("cross/build.sh")).arg("aarch64").current_dir(&root),
+        static READY: OnceLock<Result<(), String>> = OnceLock::new();
+        let ready = READY.get_or_init(|| {
+            std::panic::catch_unwind(|| {
+                assert!(
+                    nix::unistd::geteuid().is_root(),
+                    "the QEMU board tests run as root: cross/qemu/prepare.sh installs \
+                     qemu-system-arm and fetches Debian's arm64 kernel with apt"
                 );
-            }
-            run_script("cross/qemu/prepare.sh", Command::new("bash").arg(root.join("cross/qemu/prepare.sh")));
+                let root = repo();
+                if std::env::var_os("SKIFF_GUEST_BIN").is_none() {
+                    run_script(
+                        "cross/build.sh aarch64",
+                        Command::new("bash").arg(root.join("cross/build.sh")).arg("aarch64").current_dir(&root),
+                    );
+                }
+                run_script("cross/qemu/prepare.sh", Command::new("bash").arg(root.join("cross/qemu/prepare.sh")));
+            })
+            .map_err(|e| {
+                e.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "preparing the board panicked".into())
+            })
         });
+        if let Err(e) = ready {
+            panic!("{e}");
+        }
     }
 
     /// A raw ext4 image for the board's /var/lib/skiff, in its own temp dir.

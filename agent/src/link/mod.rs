@@ -25,8 +25,6 @@
 //! published as a `rejected` event and remembered in `reported`; nothing else
 //! happens.
 
-#![allow(dead_code)] // wired by the daemon
-
 mod backoff;
 mod driver;
 mod gate;
@@ -42,6 +40,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Events held while the broker is away; beyond this the oldest are dropped.
+#[allow(dead_code)] // the tests size their bursts with it
 pub const RING: usize = outbox::RING;
 
 #[derive(Debug, thiserror::Error)]
@@ -159,10 +158,16 @@ impl LinkHandle {
 
     /// Records that a desired state was refused: a `rejected` event, and the
     /// reason in every later `reported`.
+    #[allow(dead_code)] // for refusals decided outside the link (none yet)
     pub fn rejected(&self, generation: Option<u64>, reason: impl Into<String>) {
         let mut s = self.lock();
         s.reject(Rejection::new(generation, reason));
         driver::pump(&mut s, &self.inner.client, &self.inner.device);
+    }
+
+    /// This device's id.
+    pub fn device(&self) -> &DeviceId {
+        &self.inner.device
     }
 
     pub fn status(&self) -> watch::Receiver<LinkStatus> {
