@@ -87,11 +87,13 @@ armv7_workspace() {
         *) echo "$ROOT"; return 0 ;; # patched already, or another version: build as is
     esac
     command -v patch >/dev/null || apt_install patch
-    crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/libcontainer-0.7.0.crate 2>/dev/null | head -n1)
+    local cache="${CARGO_HOME:-$HOME/.cargo}/registry/cache"
+    crate=$(find "$cache" -name libcontainer-0.7.0.crate -print -quit 2>/dev/null || true)
     if [ -z "$crate" ]; then
         cargo fetch --manifest-path "$ROOT/Cargo.toml" >&2
-        crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/libcontainer-0.7.0.crate | head -n1)
+        crate=$(find "$cache" -name libcontainer-0.7.0.crate -print -quit)
     fi
+    [ -n "$crate" ] || die "libcontainer-0.7.0.crate not in $cache after cargo fetch"
     shadow="$TARGET_DIR/cross/armv7-ws"
     local patched="$TARGET_DIR/cross/libcontainer-0.7.0-32bit"
     local stamp

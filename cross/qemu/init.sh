@@ -46,7 +46,8 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || say "error: mount cgroup2"
-for c in $(cat /sys/fs/cgroup/cgroup.controllers); do
+read -r controllers </sys/fs/cgroup/cgroup.controllers
+for c in $controllers; do
     echo "+$c" >/sys/fs/cgroup/cgroup.subtree_control || say "error: enable cgroup controller $c"
 done
 hostname skiff-board
@@ -59,7 +60,8 @@ if [ -f /lib/modules/load.list ]; then
 fi
 
 disk=
-for arg in $(cat /proc/cmdline); do
+read -r cmdline </proc/cmdline
+for arg in $cmdline; do
     case "$arg" in skiff.disk=*) disk="/dev/${arg#skiff.disk=}" ;; esac
 done
 if [ -n "$disk" ]; then

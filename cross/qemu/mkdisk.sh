@@ -7,7 +7,7 @@
 set -euo pipefail
 
 die() { printf '[cross/qemu] error: %s\n' "$*" >&2; exit 2; }
-[ $# -ge 1 ] && [ $# -le 2 ] || die "usage: $0 IMG [SIZE_MIB]"
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then die "usage: $0 IMG [SIZE_MIB]"; fi
 img="$1"
 size="${2:-64}"
 case "$size" in '' | *[!0-9]*) die "SIZE_MIB must be a number: $size" ;; esac

@@ -26,7 +26,7 @@ case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 die() { printf '[cross/qemu] error: %s\n' "$*" >&2; exit 2; }
 usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
-disk= workdir= timeout=120 script=
+disk="" workdir="" timeout=120 script=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --disk) disk="$2"; shift 2 ;;
@@ -43,10 +43,12 @@ done
 
 env_file="$TARGET_DIR/qemu/board.env"
 [ -f "$env_file" ] || die "$env_file missing: run cross/qemu/prepare.sh first"
-KERNEL= INITRD_BASE=
+KERNEL="" INITRD_BASE=""
 # shellcheck source=/dev/null
 . "$env_file"
-[ -f "$KERNEL" ] && [ -f "$INITRD_BASE" ] || die "board files gone: run cross/qemu/prepare.sh again"
+if [ ! -f "$KERNEL" ] || [ ! -f "$INITRD_BASE" ]; then
+    die "board files gone: run cross/qemu/prepare.sh again"
+fi
 bin="${SKIFF_GUEST_BIN:-$TARGET_DIR/cross/aarch64-unknown-linux-musl/skiff}"
 [ -f "$bin" ] || die "$bin missing: run cross/build.sh aarch64 first"
 images="${SKIFF_GUEST_IMAGES:-$ROOT/images/out}"

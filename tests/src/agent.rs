@@ -32,10 +32,13 @@ pub fn skiff_bin() -> &'static Path {
     })
 }
 
-/// Builds (once) and returns the `skiffctl` binary.
+/// Builds (once) and returns the `skiffctl` binary; `SKIFFCTL_BIN` points at a prebuilt one.
 pub fn skiffctl_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("SKIFFCTL_BIN") {
+            return PathBuf::from(p);
+        }
         let status = Command::new(env!("CARGO"))
             .args(["build", "-q", "-p", "skiff-controller", "--bin", "skiffctl"])
             .current_dir(repo())

@@ -3,4 +3,5 @@
 //! removes every container, cgroup, mount and process it made.
 
 pub mod agent;
+pub mod bench_mqtt;
 pub mod mqtt;

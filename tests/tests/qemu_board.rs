@@ -61,10 +61,16 @@ mod board {
                 if std::env::var_os("SKIFF_GUEST_BIN").is_none() {
                     run_script(
                         "cross/build.sh aarch64",
-                        Command::new("bash").arg(root.join("cross/build.sh")).arg("aarch64").current_dir(&root),
+                        Command::new("bash")
+                            .arg(root.join("cross/build.sh"))
+                            .arg("aarch64")
+                            .current_dir(&root),
                     );
                 }
-                run_script("cross/qemu/prepare.sh", Command::new("bash").arg(root.join("cross/qemu/prepare.sh")));
+                run_script(
+                    "cross/qemu/prepare.sh",
+                    Command::new("bash").arg(root.join("cross/qemu/prepare.sh")),
+                );
             })
             .map_err(|e| {
                 e.downcast_ref::<String>()

@@ -27,7 +27,7 @@ use skiff_common::AppName;
 use std::collections::{BTreeMap, VecDeque};
 
 /// Events held while the broker is away.
-pub const RING: usize = 256;
+pub const RING: usize = 1024;
 /// Events handed to the client and not yet acknowledged.
 pub const EVENT_WINDOW: usize = 8;
 

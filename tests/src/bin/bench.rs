@@ -6,7 +6,11 @@
 //!   median and p95 over 20, against `runc run -d` of the same rootfs and
 //!   command measured the same way;
 //! - memory: PSS of the agent and its shims, idle, with 10 running apps;
-//! - sizes of the stripped release binaries (and aarch64 ones if built).
+//! - sizes of the stripped release binaries (and aarch64 ones if built);
+//! - MQTT: skiffctl apply -> running, catch-up of 1,000 queued events, idle
+//!   traffic per hour (see `bench_mqtt`).
+//!
+//! Sections can be picked: `bench start memory mqtt size`.
 
 use serde_json::Value;
 use skiff_tests::agent::{repo, wait_for, Sandbox};
@@ -25,11 +29,25 @@ fn main() {
             .unwrap();
         assert!(st.success());
         std::env::set_var("SKIFF_BIN", repo().join("target/release/skiff"));
+        std::env::set_var("SKIFFCTL_BIN", repo().join("target/release/skiffctl"));
     }
     println!("skiff benchmarks ({} runs where timed)\n", RUNS);
-    start_latency();
-    memory();
-    sizes();
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    if run("start") {
+        start_latency();
+    }
+    if run("memory") {
+        memory();
+    }
+    if run("mqtt") {
+        skiff_tests::bench_mqtt::apply_to_running(RUNS);
+        skiff_tests::bench_mqtt::catch_up(1000);
+        skiff_tests::bench_mqtt::idle_traffic(Duration::from_secs(125));
+    }
+    if run("size") {
+        sizes();
+    }
 }
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
