@@ -10,9 +10,9 @@
 # one's size and `file` line, failing if a binary is not statically linked.
 #
 # Installs what it needs (rustup targets; apt: musl-dev:arm64, which pulls
-# gcc-aarch64-linux-gnu, for the C inside aws-lc-sys/ring; gcc-arm-linux-gnueabihf
-# libc6-dev-armhf-cross; file) and skips what is already there, so a second run costs one incremental cargo build.
-# Builds go to the workspace's usual target dir so they share artifacts with other builds.
+# gcc-aarch64-linux-gnu, for the C inside aws-lc-sys and ring; gcc-arm-linux-gnueabihf
+# libc6-dev-armhf-cross; file) and skips what is there, so a second run costs an incremental
+# cargo build. Builds use the workspace's target dir, sharing artifacts with other builds.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +31,7 @@ apt_install() {
     # Installs the packages given that are not installed yet.
     local missing=() p
     for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep 'install ok installed' >/dev/null || missing+=("$p")
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
     [ "$(id -u)" -eq 0 ] || die "need root to install: ${missing[*]}"
@@ -45,7 +45,7 @@ apt_install() {
 }
 
 ensure_arm64_arch() {
-    dpkg --print-foreign-architectures | grep -qx arm64 && return 0
+    dpkg --print-foreign-architectures | grep -x arm64 >/dev/null && return 0
     [ "$(id -u)" -eq 0 ] || die "need root to add the arm64 dpkg architecture"
     log "dpkg: adding the arm64 architecture"
     dpkg --add-architecture arm64
@@ -54,7 +54,8 @@ ensure_arm64_arch() {
 
 rustup_target() {
     # `rustup target list --installed` reads the toolchain pinned by rust-toolchain.toml.
-    rustup target list --installed | grep -qx "$1" && return 0
+    # (grep without -q: an early exit would SIGPIPE rustup and fail the pipe under pipefail)
+    rustup target list --installed | grep -x "$1" >/dev/null && return 0
     log "rustup: adding target $1"
     rustup target add "$1" >&2
 }

@@ -39,7 +39,7 @@ apt_update() {
 apt_install() {
     local missing=() p
     for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep 'install ok installed' >/dev/null || missing+=("$p")
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
     log "apt: installing ${missing[*]}"
@@ -96,7 +96,7 @@ kocat() {
 safe() { printf '%s' "$1" | tr -c 'A-Za-z0-9._+-' '_'; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (apt, and the tests boot as root anyway)"
-if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+if ! dpkg --print-foreign-architectures | grep -x arm64 >/dev/null; then
     log "dpkg: adding the arm64 architecture"
     dpkg --add-architecture arm64
     apt_update

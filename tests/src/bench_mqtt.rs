@@ -53,7 +53,14 @@ fn skiffctl_apply(b: &Broker, keys: &Path, file: &Path) {
 
 fn keygen() -> tempfile::TempDir {
     let keys = tempfile::tempdir().unwrap();
-    assert!(Command::new(skiffctl_bin()).arg("keygen").arg("--out").arg(keys.path()).status().unwrap().success());
+    assert!(Command::new(skiffctl_bin())
+        .arg("keygen")
+        .arg("--out")
+        .arg(keys.path())
+        .output()
+        .unwrap()
+        .status
+        .success());
     keys
 }
 
@@ -78,7 +85,9 @@ pub fn apply_to_running(runs: usize) {
     for i in 0..runs + 1 {
         std::fs::write(&file, "").unwrap();
         skiffctl_apply(&broker, keys.path(), &file);
-        wait_for(Duration::from_secs(30), "no app", || sb.ps()["apps"].as_array().unwrap().is_empty().then_some(()));
+        wait_for(Duration::from_secs(30), "no app", || {
+            sb.ps()["apps"].as_array().unwrap().is_empty().then_some(())
+        });
         let _ = std::fs::remove_file(&up);
         std::fs::write(
             &file,
@@ -115,7 +124,8 @@ struct Counter {
 fn counting_proxy(target: u16) -> Counter {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    let (up, down, segments) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (up, down, segments) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let (u, d, s) = (up.clone(), down.clone(), segments.clone());
     std::thread::spawn(move || {
         for c in l.incoming().flatten() {
@@ -151,7 +161,11 @@ pub fn idle_traffic(window: Duration) {
     sb.wait_running("idle");
     wait_for(Duration::from_secs(20), "the link", || (sb.ps()["link"]["connected"] == true).then_some(()));
     std::thread::sleep(Duration::from_secs(3)); // connect, subscribe and first report done
-    let (u0, d0, s0) = (proxy.up.load(Ordering::Relaxed), proxy.down.load(Ordering::Relaxed), proxy.segments.load(Ordering::Relaxed));
+    let (u0, d0, s0) = (
+        proxy.up.load(Ordering::Relaxed),
+        proxy.down.load(Ordering::Relaxed),
+        proxy.segments.load(Ordering::Relaxed),
+    );
     std::thread::sleep(window);
     let up = proxy.up.load(Ordering::Relaxed) - u0;
     let down = proxy.down.load(Ordering::Relaxed) - d0;
@@ -162,7 +176,11 @@ pub fn idle_traffic(window: Duration) {
     let wire = per_hour(up + down) + per_hour(segs) * 66.0 * 2.0;
     println!("idle MQTT traffic, keepalive 30s, mTLS, measured over {window:?}");
     println!("  TLS bytes up {up}, down {down}, in {segs} segments");
-    println!("  per hour: {:.0} B of TLS records; about {:.1} KB on the wire with TCP/IP headers and ACKs\n", per_hour(up + down), wire / 1000.0);
+    println!(
+        "  per hour: {:.0} B of TLS records; about {:.1} KB on the wire with TCP/IP headers and ACKs\n",
+        per_hour(up + down),
+        wire / 1000.0
+    );
 }
 
 pub fn catch_up(events: usize) {
@@ -201,8 +219,14 @@ pub fn catch_up(events: usize) {
         }
         let all = t.elapsed();
         println!("catch-up after an outage, {events} events queued in the link");
-        println!("  broker back -> link connected  {:8.1} ms (reconnect backoff 200 ms..1 s)", connected.as_secs_f64() * 1000.0);
-        println!("  broker back -> all delivered   {:8.1} ms ({dropped} dropped)", all.as_secs_f64() * 1000.0);
+        println!(
+            "  broker back -> link connected  {:8.1} ms (reconnect backoff 200 ms..1 s)",
+            connected.as_secs_f64() * 1000.0
+        );
+        println!(
+            "  broker back -> all delivered   {:8.1} ms ({dropped} dropped)",
+            all.as_secs_f64() * 1000.0
+        );
         println!("  connected -> all delivered     {:8.1} ms\n", (all - connected).as_secs_f64() * 1000.0);
     });
 }
