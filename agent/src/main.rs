@@ -3,20 +3,6 @@
 //! `skiff shim` and `skiff probe-exec` (hidden) run before any tokio runtime
 //! exists: they fork containers, which a multi-threaded process must not do.
 
-mod api;
-mod cli;
-mod daemon;
-mod doctor;
-mod fsutil;
-mod image;
-mod link;
-mod paths;
-mod probe;
-mod reconciler;
-mod runtime;
-mod store;
-mod sys;
-
 fn main() {
-    std::process::exit(cli::main());
+    std::process::exit(skiff_agent::cli::main());
 }

@@ -14,11 +14,9 @@
 //! write all of `skiff/v1/#`. The broker is stopped by its PID (SIGTERM, then
 //! SIGKILL) on drop and never listens anywhere but 127.0.0.1.
 //!
-//! The agent's link is compiled into this crate (it has no I/O outside its
-//! folder), so the tests drive the very code the daemon runs.
+//! The tests drive the agent's own link module, the very code the daemon runs.
 
-#[path = "../../agent/src/link/mod.rs"]
-pub mod link;
+pub use skiff_agent::link;
 
 use anyhow::{bail, Context, Result};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, Transport};

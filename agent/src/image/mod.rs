@@ -15,7 +15,6 @@
 //! read is checked against its digest and size. Readers (`list`, `resolve`) take no lock:
 //! they see the old or the new refs.json. What the store never does: delete an image a
 //! tag still names, or touch anything outside `<dir>`.
-#![allow(dead_code)] // wired by the CLI
 
 mod cli;
 mod mount;
@@ -26,9 +25,7 @@ mod store;
 mod tests;
 mod unpack;
 
-#[allow(unused_imports)] // wired by the CLI
 pub use cli::{cli_load, cli_ls};
-#[allow(unused_imports)] // wired by the CLI
 pub use mount::{mount_rootfs, unmount_rootfs};
 pub use store::ImageStore;
 

@@ -53,7 +53,7 @@ impl Gate {
         self.highest = self.highest.max(generation);
     }
 
-    #[allow(dead_code)] // read by the tests
+    #[cfg(test)]
     pub fn highest(&self) -> u64 {
         self.highest
     }

@@ -40,7 +40,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Events held while the broker is away; beyond this the oldest are dropped.
-#[allow(dead_code)] // the tests size their bursts with it
 pub const RING: usize = outbox::RING;
 
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +157,6 @@ impl LinkHandle {
 
     /// Records that a desired state was refused: a `rejected` event, and the
     /// reason in every later `reported`.
-    #[allow(dead_code)] // for refusals decided outside the link (none yet)
     pub fn rejected(&self, generation: Option<u64>, reason: impl Into<String>) {
         let mut s = self.lock();
         s.reject(Rejection::new(generation, reason));

@@ -10,7 +10,10 @@
 //! - MQTT: skiffctl apply -> running, catch-up of 1,000 queued events, idle
 //!   traffic per hour (see `bench_mqtt`).
 //!
-//! Sections can be picked: `bench start memory mqtt size`.
+//! - reconcile: callgrind instruction counts of one reconcile pass with 50
+//!   apps, the reconciler alone (exact and repeatable, for comparing changes).
+//!
+//! Sections can be picked: `bench start memory mqtt size reconcile`.
 
 use serde_json::Value;
 use skiff_tests::agent::{repo, wait_for, Sandbox};
@@ -47,6 +50,9 @@ fn main() {
     }
     if run("size") {
         sizes();
+    }
+    if run("reconcile") {
+        reconcile();
     }
 }
 
@@ -230,4 +236,39 @@ fn sizes() {
             Err(_) => println!("  {label:<24} {:>10}  (not built: cross/build.sh)", "-"),
         }
     }
+}
+
+/// Instructions callgrind counts for `reconcile_pass <args>`.
+fn callgrind(args: &[&str]) -> u64 {
+    let exe = repo().join("target/release/reconcile_pass");
+    let out_file = tempfile::NamedTempFile::new().unwrap();
+    let out = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out_file.path().display()))
+        .arg(&exe)
+        .args(args)
+        .output()
+        .expect("valgrind (apt install valgrind)");
+    assert!(out.status.success(), "callgrind: {}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    err.lines()
+        .find_map(|l| l.split("Collected :").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no instruction count in: {err}"))
+}
+
+fn reconcile() {
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-q", "-p", "skiff-tests", "--bin", "reconcile_pass"])
+        .current_dir(repo())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    const N: u64 = 20;
+    let n = N.to_string();
+    let steady = (callgrind(&["steady", &n]) - callgrind(&["steady", "0"])) / N;
+    let changed = (callgrind(&["changed", &n]) - callgrind(&["setup", &n])) / N;
+    println!("one reconcile pass, 50 apps with liveness and readiness probes (callgrind, instructions)");
+    println!("  nothing changed (same desired state + tick)  {steady:>10}");
+    println!("  every app changed (50 stops)                 {changed:>10}\n");
 }

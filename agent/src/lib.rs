@@ -1,0 +1,16 @@
+//! skiff: the device agent. The binary (`main.rs`) is only `cli::main`; the
+//! modules are a library so tests and benchmarks can drive them directly.
+
+pub mod api;
+pub mod cli;
+pub mod daemon;
+pub mod doctor;
+pub mod fsutil;
+pub mod image;
+pub mod link;
+pub mod paths;
+pub mod probe;
+pub mod reconciler;
+pub mod runtime;
+pub mod store;
+mod sys;
