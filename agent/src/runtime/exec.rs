@@ -8,14 +8,15 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Exit code when the command did not finish within the timeout (as `timeout(1)`).
 pub const TIMED_OUT: i32 = 124;
 /// Exit code when the command could not be started at all.
 pub const CANNOT_RUN: i32 = 125;
 
-// The probe's deadline is a wall of this process only; no tokio here.
+// This process has no tokio runtime (it must stay single-threaded to fork),
+// so its deadline uses std's monotonic clock.
 #[allow(clippy::disallowed_types)]
 pub fn main(root: &Path, id: &str, timeout: Duration, args: Vec<String>) -> i32 {
     crate::sys::default_sigpipe();
@@ -30,7 +31,7 @@ pub fn main(root: &Path, id: &str, timeout: Duration, args: Vec<String>) -> i32 
             return CANNOT_RUN;
         }
     };
-    let deadline = Instant::now() + timeout;
+    let deadline = std::time::Instant::now() + timeout;
     loop {
         match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, code)) => return code,
@@ -42,7 +43,7 @@ pub fn main(root: &Path, id: &str, timeout: Duration, args: Vec<String>) -> i32 
                 return CANNOT_RUN;
             }
         }
-        if Instant::now() >= deadline {
+        if std::time::Instant::now() >= deadline {
             let _ = kill(pid, Signal::SIGKILL);
             let _ = waitpid(pid, None);
             eprintln!("probe timed out after {timeout:?}");
