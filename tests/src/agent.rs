@@ -14,39 +14,30 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
-/// Builds (once per test process) and returns the `skiff` binary. `SKIFF_BIN`
-/// points at a prebuilt one instead.
-pub fn skiff_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("SKIFF_BIN") {
-            return PathBuf::from(p);
-        }
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "skiff-agent", "--bin", "skiff"])
-            .current_dir(repo())
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "building skiff failed");
-        repo().join("target/debug/skiff")
-    })
+/// Builds `bin` of `package` (debug) unless `env_var` points at a prebuilt one.
+fn built(env_var: &str, package: &str, bin: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env_var) {
+        return PathBuf::from(p);
+    }
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", package, "--bin", bin])
+        .current_dir(repo())
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "building {bin} failed");
+    repo().join("target/debug").join(bin)
 }
 
-/// Builds (once) and returns the `skiffctl` binary; `SKIFFCTL_BIN` points at a prebuilt one.
+/// The `skiff` binary, built once per test process; `SKIFF_BIN` points at a prebuilt one.
+pub fn skiff_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| built("SKIFF_BIN", "skiff-agent", "skiff"))
+}
+
+/// The `skiffctl` binary, built once per test process; `SKIFFCTL_BIN` points at a prebuilt one.
 pub fn skiffctl_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("SKIFFCTL_BIN") {
-            return PathBuf::from(p);
-        }
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "skiff-controller", "--bin", "skiffctl"])
-            .current_dir(repo())
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "building skiffctl failed");
-        repo().join("target/debug/skiffctl")
-    })
+    BIN.get_or_init(|| built("SKIFFCTL_BIN", "skiff-controller", "skiffctl"))
 }
 
 /// The busybox OCI layout from images/build.sh (built on first use).

@@ -250,6 +250,11 @@ mod tests {
         }
     }
 
+    /// `key` of every object in the array `v`.
+    fn field_of_each<'a>(v: &'a Value, key: &str) -> Vec<&'a str> {
+        v.as_array().unwrap().iter().map(|o| o[key].as_str().unwrap()).collect()
+    }
+
     fn build_for(app: &AppSpec, cg: CgroupVersion, devices: &[HostDevice]) -> Value {
         build(&SpecInputs {
             app,
@@ -288,15 +293,9 @@ mod tests {
         assert_eq!(s["process"]["args"], json!(["httpd", "-f"]));
         assert_eq!(s["process"]["env"], json!(["PATH=/bin", "MODE=prod"]));
         assert_eq!(s["process"]["noNewPrivileges"], true);
-        let ns: Vec<&str> = s["linux"]["namespaces"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| n["type"].as_str().unwrap())
-            .collect();
+        let ns = field_of_each(&s["linux"]["namespaces"], "type");
         assert_eq!(ns, ["pid", "ipc", "uts", "mount"], "host network, no cgroup ns on v1");
-        let dests: Vec<&str> =
-            s["mounts"].as_array().unwrap().iter().map(|m| m["destination"].as_str().unwrap()).collect();
+        let dests = field_of_each(&s["mounts"], "destination");
         assert!(!dests.contains(&"/sys/fs/cgroup"), "no cgroup mount on v1");
         assert!(dests.contains(&"/etc/resolv.conf"), "host network gets resolv.conf");
     }
@@ -305,15 +304,9 @@ mod tests {
     fn v2_and_private_network() {
         let a = app("network = \"none\"\n");
         let s = build_for(&a, CgroupVersion::V2, &[]);
-        let ns: Vec<&str> = s["linux"]["namespaces"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| n["type"].as_str().unwrap())
-            .collect();
+        let ns = field_of_each(&s["linux"]["namespaces"], "type");
         assert_eq!(ns, ["pid", "ipc", "uts", "mount", "network", "cgroup"]);
-        let dests: Vec<&str> =
-            s["mounts"].as_array().unwrap().iter().map(|m| m["destination"].as_str().unwrap()).collect();
+        let dests = field_of_each(&s["mounts"], "destination");
         assert!(dests.contains(&"/sys/fs/cgroup"));
         assert!(!dests.contains(&"/etc/resolv.conf"));
         assert_eq!(s["process"]["args"], json!(["sh"]), "image cmd when no command");

@@ -17,6 +17,7 @@
 
 use serde_json::Value;
 use skiff_tests::agent::{repo, wait_for, Sandbox};
+use skiff_tests::bench_mqtt::stats;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -54,13 +55,6 @@ fn main() {
     if run("reconcile") {
         reconcile();
     }
-}
-
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let median = v[v.len() / 2];
-    let p95 = v[((v.len() as f64 * 0.95).ceil() as usize).min(v.len()) - 1];
-    (median, p95, v[0])
 }
 
 fn wait_file(p: &Path, timeout: Duration) -> Duration {
