@@ -2,7 +2,8 @@
 //! about the host (cgroup version, device numbers, which host files exist) is
 //! passed in, so the whole policy is testable without a container.
 //!
-//! Policy: Docker-like default capabilities, masked and read-only /proc paths,
+//! Policy: Docker-like default capabilities (less CAP_MKNOD on cgroup v2, where
+//! the device rules are not enforced), masked and read-only /proc paths,
 //! no new privileges, a deny-all device cgroup rule followed by the devices the
 //! app lists, its own pid/ipc/uts/mount namespaces (plus network for
 //! `network = "none"`, and cgroup on cgroup v2). On cgroup v1 neither a cgroup
@@ -203,7 +204,14 @@ pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
         resources["pids"] = json!({"limit": p});
     }
 
-    let caps = CAPS;
+    // This build has no eBPF device controller, so on cgroup v2 the device
+    // rules above are not enforced by the kernel. Without CAP_MKNOD an app can
+    // only reach the device nodes skiff puts in its fresh /dev (and device
+    // files cannot come in through `mounts`: the shim refuses them).
+    let caps: Vec<&str> = match i.cgroups {
+        CgroupVersion::V1 => CAPS.to_vec(),
+        CgroupVersion::V2 => CAPS.iter().copied().filter(|c| *c != "CAP_MKNOD").collect(),
+    };
     Ok(json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -212,7 +220,7 @@ pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
             "args": args(app, i.image)?,
             "env": env(app, i.image),
             "cwd": cwd.unwrap_or_else(|| "/".into()),
-            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "capabilities": {"bounding": &caps, "effective": &caps, "permitted": &caps},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 1024}],
             "noNewPrivileges": true
         },
@@ -253,6 +261,10 @@ mod tests {
     /// `key` of every object in the array `v`.
     fn field_of_each<'a>(v: &'a Value, key: &str) -> Vec<&'a str> {
         v.as_array().unwrap().iter().map(|o| o[key].as_str().unwrap()).collect()
+    }
+
+    fn field_of_each_str(v: &Value) -> Vec<&str> {
+        v.as_array().unwrap().iter().map(|o| o.as_str().unwrap()).collect()
     }
 
     fn build_for(app: &AppSpec, cg: CgroupVersion, devices: &[HostDevice]) -> Value {
@@ -298,6 +310,7 @@ mod tests {
         let dests = field_of_each(&s["mounts"], "destination");
         assert!(!dests.contains(&"/sys/fs/cgroup"), "no cgroup mount on v1");
         assert!(dests.contains(&"/etc/resolv.conf"), "host network gets resolv.conf");
+        assert!(field_of_each_str(&s["process"]["capabilities"]["bounding"]).contains(&"CAP_MKNOD"));
     }
 
     #[test]
@@ -306,6 +319,9 @@ mod tests {
         let s = build_for(&a, CgroupVersion::V2, &[]);
         let ns = field_of_each(&s["linux"]["namespaces"], "type");
         assert_eq!(ns, ["pid", "ipc", "uts", "mount", "network", "cgroup"]);
+        let caps = field_of_each_str(&s["process"]["capabilities"]["bounding"]);
+        assert!(!caps.contains(&"CAP_MKNOD"), "no mknod where device rules are not enforced");
+        assert!(caps.contains(&"CAP_CHOWN"));
         let dests = field_of_each(&s["mounts"], "destination");
         assert!(dests.contains(&"/sys/fs/cgroup"));
         assert!(!dests.contains(&"/etc/resolv.conf"));
