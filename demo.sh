@@ -10,7 +10,21 @@ cd "$(dirname "$0")"
 skiff=./target/release/skiff
 if [[ "${1:-}" == stop ]]; then
     "$skiff" apply -f examples/empty.toml
-    exit 0
+    # Containers outlive the agent: with none running, start one to remove them.
+    if ! "$skiff" ps >/dev/null 2>&1; then
+        "$skiff" agent 2>/dev/null &
+        agent=$!
+        trap 'kill $agent 2>/dev/null' EXIT
+    fi
+    for _ in $(seq 100); do
+        if "$skiff" ps --json 2>/dev/null | grep -q '"apps": \[\]'; then
+            echo "demo apps removed"
+            exit 0
+        fi
+        sleep 0.2
+    done
+    echo "demo apps still running: see $skiff ps" >&2
+    exit 1
 fi
 scripts/deps.sh demo
 bash images/build.sh

@@ -3,10 +3,18 @@
 #
 # Stage 1 (from the initramfs): pivot_root cannot leave an initramfs root, and libcontainer
 # pivots, so copy the initramfs into a tmpfs and switch_root into it.
-# Stage 2 (in the tmpfs): mount proc, sys, devtmpfs, cgroup2 with every controller enabled
-# for children, load the kernel modules listed in /lib/modules/load.list, mount the state
-# disk at /var/lib/skiff when the kernel command line says skiff.disk=<dev>, run
-# /skiff/test.sh (put there by cross/qemu/run.sh) and power off.
+# Stage 2 (in the tmpfs): mount proc, sys, devtmpfs and the cgroups, load the kernel modules
+# listed in /lib/modules/load.list, mount the state disk at /var/lib/skiff when the kernel
+# command line says skiff.disk=<dev>, run /skiff/test.sh (put there by cross/qemu/run.sh) and
+# power off.
+#
+# Kernel command line options read here:
+#   skiff.disk=<dev>     the state disk (run.sh --disk sets it)
+#   skiff.cgroup=v2      (default) cgroup2 at /sys/fs/cgroup, every controller enabled for
+#                        children
+#   skiff.cgroup=v1      cgroup v1 as older systemd boards have it: cpu,cpuacct co-mounted,
+#                        memory, pids, devices and freezer each on its own, no cgroup2
+#   skiff.cgroup=none    no cgroup file system mounted
 #
 # Lines starting with "@@SKIFF-GUEST " are for the host harness:
 #   init uptime=<s>      stage 1 reached (boot-to-/init time)
@@ -45,11 +53,40 @@ mount -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
-mount -t cgroup2 cgroup2 /sys/fs/cgroup || say "error: mount cgroup2"
-read -r controllers </sys/fs/cgroup/cgroup.controllers
-for c in $controllers; do
-    echo "+$c" >/sys/fs/cgroup/cgroup.subtree_control || say "error: enable cgroup controller $c"
+
+disk= cgroups=v2
+read -r cmdline </proc/cmdline
+for arg in $cmdline; do
+    case "$arg" in
+        skiff.disk=*) disk="/dev/${arg#skiff.disk=}" ;;
+        skiff.cgroup=*) cgroups="${arg#skiff.cgroup=}" ;;
+    esac
 done
+
+case "$cgroups" in
+    v2)
+        mount -t cgroup2 cgroup2 /sys/fs/cgroup || say "error: mount cgroup2"
+        read -r controllers </sys/fs/cgroup/cgroup.controllers
+        for c in $controllers; do
+            echo "+$c" >/sys/fs/cgroup/cgroup.subtree_control || say "error: enable cgroup controller $c"
+        done
+        ;;
+    v1)
+        # The layout of an older systemd board ("legacy" hierarchy): a tmpfs holding one v1
+        # hierarchy per controller, cpu and cpuacct co-mounted (with the two symlinks systemd
+        # adds), and no cgroup2 anywhere.
+        mount -t tmpfs -o mode=0755,nosuid,nodev,noexec cgroup /sys/fs/cgroup ||
+            say "error: mount tmpfs on /sys/fs/cgroup"
+        for c in cpu,cpuacct memory pids devices freezer; do
+            mkdir -p "/sys/fs/cgroup/$c"
+            mount -t cgroup -o "nosuid,nodev,noexec,$c" cgroup "/sys/fs/cgroup/$c" || say "error: mount cgroup v1 $c"
+        done
+        ln -s cpu,cpuacct /sys/fs/cgroup/cpu
+        ln -s cpu,cpuacct /sys/fs/cgroup/cpuacct
+        ;;
+    none) ;;
+    *) say "error: unknown skiff.cgroup=$cgroups (v2 | v1 | none)" ;;
+esac
 hostname skiff-board
 ip link set lo up 2>/dev/null || true
 
@@ -59,11 +96,6 @@ if [ -f /lib/modules/load.list ]; then
     done </lib/modules/load.list
 fi
 
-disk=
-read -r cmdline </proc/cmdline
-for arg in $cmdline; do
-    case "$arg" in skiff.disk=*) disk="/dev/${arg#skiff.disk=}" ;; esac
-done
 if [ -n "$disk" ]; then
     i=0
     while [ ! -b "$disk" ] && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done

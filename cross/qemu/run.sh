@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Boots the emulated aarch64 board once and runs a shell script inside it.
 #
-#   cross/qemu/run.sh [--disk IMG] [--workdir DIR] [--timeout SECS] SCRIPT
+#   cross/qemu/run.sh [--disk IMG] [--append ARGS] [--workdir DIR] [--timeout SECS] SCRIPT
 #
 # The guest gets the aarch64 `skiff` at /usr/bin/skiff, the OCI layouts in images/out (when
 # present; e.g. images/out/busybox -> /images/busybox), SCRIPT as /skiff/test.sh, and IMG (from cross/qemu/mkdisk.sh) as
 # /dev/vda mounted on /var/lib/skiff. The console goes to stdout; see cross/qemu/init.sh for
 # the "@@SKIFF-GUEST" lines. QEMU exits 0 even when the guest panics: callers look for
-# "@@SKIFF-GUEST exit=0".
+# "@@SKIFF-GUEST exit=0". --append adds kernel command line arguments (e.g. skiff.cgroup=v1,
+# cgroup_disable=memory: see cross/qemu/init.sh).
 #
 # With --workdir (what the Rust harness uses) the script builds the initrd there and execs
 # QEMU, so the caller's child process is QEMU itself: the caller owns the timeout, the kill
@@ -26,11 +27,12 @@ case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 die() { printf '[cross/qemu] error: %s\n' "$*" >&2; exit 2; }
 usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
-disk="" workdir="" timeout=120 script=""
+disk="" workdir="" timeout=120 script="" extra=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --disk) disk="$2"; shift 2 ;;
         --workdir) workdir="$2"; shift 2 ;;
+        --append) extra="$extra $2"; shift 2 ;;
         --timeout) timeout="$2"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         -*) die "unknown option $1" ;;
@@ -80,7 +82,8 @@ done
 cat "$INITRD_BASE" "$workdir/payload.cpio" >"$workdir/initrd"
 rm -rf "$p" "$workdir/payload.cpio"
 
-append="console=ttyAMA0 quiet panic=-1"
+# cryptomgr.notests: the kernel's crypto self-tests cost ~0.3 s of every boot under TCG.
+append="console=ttyAMA0 quiet panic=-1 cryptomgr.notests"
 qemu=(qemu-system-aarch64 -M virt -cpu cortex-a53 -m "${SKIFF_QEMU_MEM:-512M}"
     -smp "${SKIFF_QEMU_SMP:-2}" -nic none -nographic -no-reboot
     -kernel "$KERNEL" -initrd "$workdir/initrd")
@@ -91,7 +94,7 @@ if [ -n "$disk" ]; then
     qemu+=(-drive "file=$disk,if=virtio,format=raw")
     append="$append skiff.disk=vda"
 fi
-qemu+=(-append "$append ${SKIFF_QEMU_APPEND:-}")
+qemu+=(-append "$append$extra ${SKIFF_QEMU_APPEND:-}")
 
 if [ "$own_workdir" -eq 0 ]; then
     exec "${qemu[@]}" </dev/null

@@ -62,6 +62,18 @@ pub fn alive(pid: i64) -> bool {
     }
 }
 
+/// Polls `f` every 50 ms until it holds; false if it still does not after `timeout`.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
 /// Polls `f` every 50 ms until it returns `Some`, or panics with `what` after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;
@@ -225,6 +237,11 @@ impl Sandbox {
         } else {
             Path::new("/sys/fs/cgroup").join(controller).join(&self.cgroup_root).join(app).join(file)
         }
+    }
+
+    /// Every cgroup directory of `app` that still exists, in any controller.
+    pub fn app_cgroups(&self, app: &str) -> Vec<PathBuf> {
+        cgroup_dirs(&self.cgroup_root).into_iter().map(|d| d.join(app)).filter(|d| d.exists()).collect()
     }
 
     /// What a reboot leaves: no agent, no shims, no containers, an empty run dir.

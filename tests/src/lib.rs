@@ -4,4 +4,5 @@
 
 pub mod agent;
 pub mod bench_mqtt;
+pub mod board;
 pub mod mqtt;

@@ -1,6 +1,6 @@
 //! Restart policies and backoff, probes, replacement of changed apps.
 
-use skiff_tests::agent::{alive, wait_for, Sandbox};
+use skiff_tests::agent::{alive, eventually, wait_for, Sandbox};
 use std::time::{Duration, Instant};
 
 fn fast_backoff() -> Sandbox {
@@ -182,7 +182,33 @@ fn changed_spec_replaces_and_removed_app_stops() {
     wait_for(Duration::from_secs(20), "b to be gone", || sb.app("b").is_null().then_some(()));
     let bpid = b1["pid"].as_i64().unwrap();
     assert!(!alive(bpid), "b's process still runs");
-    assert!(!sb.cgroup_file("memory", "b", "").exists(), "b's cgroup remains");
+    let gone = eventually(Duration::from_secs(5), || sb.app_cgroups("b").is_empty());
+    assert!(gone, "b's cgroups remain: {:?}", sb.app_cgroups("b"));
+    // The replaced container of "a" left nothing behind either: only the new one's cgroup.
+    assert!(!sb.app_cgroups("a").is_empty());
+}
+
+#[test]
+fn removing_apps_that_ignore_sigterm_leaves_no_cgroups() {
+    let sb = fast_backoff();
+    let apps: String = (0..4)
+        .map(|i| format!("[[app]]\nname = \"stubborn-{i}\"\nimage = \"busybox:1\"\ncommand = [\"sh\", \"-c\", \"while true; do sleep 1; done\"]\nstop_grace = \"500ms\"\n"))
+        .collect();
+    for round in 0..3 {
+        sb.apply(&apps);
+        for i in 0..4 {
+            sb.wait_running(&format!("stubborn-{i}"));
+        }
+        sb.apply("");
+        wait_for(Duration::from_secs(20), "all apps removed", || {
+            sb.ps()["apps"].as_array().unwrap().is_empty().then_some(())
+        });
+        for i in 0..4 {
+            let app = format!("stubborn-{i}");
+            let gone = eventually(Duration::from_secs(5), || sb.app_cgroups(&app).is_empty());
+            assert!(gone, "round {round}: {app} left {:?}", sb.app_cgroups(&app));
+        }
+    }
 }
 
 fn free_port() -> u16 {

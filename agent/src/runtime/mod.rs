@@ -192,8 +192,8 @@ impl Runtime {
         }
     }
 
-    /// Sends SIGTERM to the container's init; after `grace`, SIGKILL to every
-    /// process in it. Returns once the signals are sent; the exit is seen by `wait_exit`.
+    /// Sends SIGTERM to the container's init; after `grace`, SIGKILL (which
+    /// ends every process in the container's pid namespace). Returns once the signals are sent; the exit is seen by `wait_exit`.
     pub async fn stop(&self, app: &AppName, instance: u64, grace: Duration) {
         let root = self.paths.containers().join(Paths::container_id(app, instance));
         let dir = self.paths.instance(app, instance);
@@ -206,7 +206,11 @@ impl Runtime {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tracing::info!(app = %app, instance, ?grace, "did not stop within its grace period: SIGKILL");
-        signal(&root, LcSignal::try_from("SIGKILL").ok(), true).await;
+        // SIGKILL to the init is enough: every container has its own pid
+        // namespace, and when its init dies the kernel kills everything in it.
+        // libcontainer's kill-all freezes the cgroup meanwhile, which races the
+        // shim's cgroup removal (rmdir fails while frozen tasks remain).
+        signal(&root, LcSignal::try_from("SIGKILL").ok(), false).await;
     }
 
     /// Removes an instance's runtime files once its exit has been handled.

@@ -225,13 +225,16 @@ fn wait_exit(pid: i32) -> ExitInfo {
 /// every step runs even when one before it failed.
 fn cleanup(dir: &Path, cfg: &ShimConfig, created: bool) {
     if created {
-        match Container::load(cfg.container_root.join(&cfg.container_id)) {
-            Ok(mut c) => {
-                if let Err(e) = c.delete(true) {
-                    eprintln!("shim: delete {}: {e}", cfg.container_id);
-                }
+        // The last processes of a killed container may take a moment to leave
+        // its cgroup; removing the cgroup fails until they have. Retry briefly.
+        for attempt in 0..20 {
+            let result =
+                Container::load(cfg.container_root.join(&cfg.container_id)).and_then(|mut c| c.delete(true));
+            match result {
+                Ok(()) => break,
+                Err(e) if attempt == 19 => eprintln!("shim: delete {}: {e}", cfg.container_id),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
             }
-            Err(e) => eprintln!("shim: load {}: {e}", cfg.container_id),
         }
         let _ = std::fs::remove_dir_all(cfg.container_root.join(&cfg.container_id));
     }
