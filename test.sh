@@ -10,4 +10,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 bash images/build.sh
 cargo build --workspace -q
+# The static aarch64 agent for the emulated board (the QEMU tests would build it too).
+bash cross/build.sh aarch64
 cargo test --workspace -- --test-threads=2

@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash
 # /init of the emulated skiff board (PID 1, busybox sh inside the initramfs).
 #
 # Stage 1 (from the initramfs): pivot_root cannot leave an initramfs root, and libcontainer
@@ -54,7 +55,7 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 
-disk= cgroups=v2
+disk='' cgroups=v2
 read -r cmdline </proc/cmdline
 for arg in $cmdline; do
     case "$arg" in

@@ -69,7 +69,9 @@ pub fn repo() -> PathBuf {
 
 /// Runs `cmd` to completion; panics with its output if it fails.
 fn run_script(what: &str, cmd: &mut Command) -> String {
+    let start = Instant::now();
     let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    println!("board: {what} took {:?}", start.elapsed());
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),

@@ -354,9 +354,6 @@ sed 's/^/AGENT-STDOUT: /' /tmp/out
     assert_eq!(out.values("AGENT-STDOUT: ").count(), 0, "nothing on stdout\n{t}");
 }
 
-/// Power cuts during `skiff apply`, on ARM, with the state dir on the board's virtio disk.
-const CUTS: usize = 20;
-
 /// What one boot of `board_power_cuts_during_apply` found after the agent started.
 #[derive(Debug)]
 struct Found {
@@ -370,7 +367,7 @@ struct Found {
 
 /// The apps of desired state number `n`: web and worker, plus even or odd, all with GEN=n.
 fn cut_apps(n: u64) -> [&'static str; 3] {
-    ["web", "worker", if n % 2 == 0 { "even" } else { "odd" }]
+    ["web", "worker", if n.is_multiple_of(2) { "even" } else { "odd" }]
 }
 
 /// Checks what a power-cut boot found: the agent ran, every app of one intact desired state
@@ -405,10 +402,9 @@ fn check_found(out: &GuestOutput) -> Found {
     }
 }
 
-/// Guest script for `board_power_cuts_during_apply`. MODE setup: load the image, store state
-/// 1, then apply states 2..=5 with no agent (the host times these applies); every mode then
-/// starts the agent and reports what runs; MODE cut applies the next state and waits for
-/// the power to go.
+/// Guest script for `board_power_cuts_during_apply`. Every boot starts the agent and reports
+/// what runs. MODE setup first loads the image and stores state 1; MODE setup and cut then
+/// apply the next state and wait for the power to go; MODE check only reports.
 const CUT_SCRIPT: &str = r#"
 set -u
 MODE=@MODE@
@@ -418,13 +414,6 @@ state() {
         printf '[[app]]\nname = "%s"\nimage = "busybox:1"\ncommand = ["sleep", "600"]\n' "$a"
         printf 'env = { GEN = "%s" }\nstop_grace = "0s"\n\n' "$1"
     done >/tmp/state-$1.toml
-}
-apply_next() {
-    n=$((n + 1))
-    state $n
-    echo "APPLY-START $n"
-    skiff apply -f /tmp/state-$n.toml
-    echo "APPLY-DONE $n"
 }
 cd /var/lib/skiff || exit 1
 echo "STATE-DIR: $(ls -A | tr '\n' ' ')"
@@ -436,143 +425,160 @@ if [ "$MODE" = setup ]; then
     skiff image load /images/busybox >/dev/null || exit 1
     state 1
     skiff apply -f /tmp/state-1.toml >/dev/null || exit 1
-    n=1
-    for i in 1 2 3 4; do apply_next; done
 fi
 echo "AGENT-START: $(up)"
 start_agent
 if wait_running 3 30; then echo "ALL-RUNNING: $(up)"; else echo "NOT-RUNNING"; agent_log; fi
 ps_line "PS: "
-for pid in $(skiff ps | awk 'NR > 2 && $3 != "-" { print $1 ":" $3 }'); do
-    echo "APP-GEN: ${pid%%:*} $(tr '\0' '\n' </proc/${pid#*:}/environ | sed -n 's/^GEN=//p')"
+skiff ps >/tmp/ps.txt
+gen() { tr '\0' '\n' <"/proc/$1/environ" | sed -n 's/^GEN=//p'; }
+for pid in $(awk 'NR > 2 && $3 != "-" { print $1 ":" $3 }' /tmp/ps.txt); do
+    echo "APP-GEN: ${pid%%:*} $(gen "${pid#*:}")"
 done
 grep -q unreadable /tmp/agent.log && { echo "FELL-BACK"; agent_log; }
-n=$(tr '\0' '\n' </proc/$(skiff ps | awk '$1 == "web" { print $3 }')/environ | sed -n 's/^GEN=//p')
-if [ "$MODE" = cut ]; then
-    apply_next
+echo "START-FAILURES: $(grep -c 'start failed' /tmp/agent.log)"
+grep -m 1 'start failed' /tmp/agent.log | sed 's/^/START-FAILURE: /'
+if [ "$MODE" != check ]; then
+    n=$(( $(gen "$(awk '$1 == "web" { print $3 }' /tmp/ps.txt)") + 1 ))
+    state $n
+    echo "APPLY-START $n"
+    skiff apply -f /tmp/state-$n.toml
+    echo "APPLY-DONE $n"
     sleep 120
 fi
 "#;
 
+/// Power cuts in `board_power_cuts_during_apply`; the first `LATE_CUTS` come just after apply
+/// returned and time its write for the others.
+const CUTS: usize = 20;
+const LATE_CUTS: usize = 4;
+
 /// The power is cut (QEMU SIGKILLed) at a random moment of `skiff apply`, 20 times, with the
 /// agent running and the state dir on the board's ext4 disk. Each boot verifies the cut
-/// before it and applies the next state: the agent, with no network, finds the old or the
-/// new desired state intact (never a mix, never the fallback copy; the new one whenever
-/// apply had returned), and all of that state's apps run. The delays are spread over the
-/// apply (timed on the board first) and packed around its write, so cuts land before,
-/// during and after it. Boot -> all apps running is the guest's uptime.
+/// before it, then applies the next state and is cut: the agent, with no network, finds the
+/// old or the new desired state intact (never a mix, never the fallback copy; the new one
+/// whenever apply had said it was written), and all of that state's apps run. The first cuts
+/// come just after apply returned and time its write (a boot's first write is slower than the
+/// ones after it); the others are spread over the apply and packed around its
+/// write, so cuts land before, during and after it. Boot -> all apps running is the guest's
+/// uptime when `skiff ps` first showed them all running.
 #[test]
 fn board_power_cuts_during_apply() {
     let disk = Disk::new(64);
-    let boot = |mode: &str, cut: Option<PowerCut>| {
-        let script = guest_script(CUT_SCRIPT, &[("@MODE@", mode)]);
-        board::run_guest_with(&GuestRun {
-            disk: Some(disk.path()),
-            cut,
-            ..GuestRun::new(&script, Duration::from_secs(60))
-        })
-    };
-
-    // Setup, and the time from "APPLY-START" to apply's "written" line, as the host sees them.
-    let setup = boot("setup", None);
-    setup.assert_success();
-    let mut writes: Vec<Duration> = (2..=5)
-        .map(|n| {
-            let i = setup
-                .console
-                .iter()
-                .position(|l| l == &format!("APPLY-START {n}"))
-                .unwrap_or_else(|| panic!("apply {n} missing\n{}", setup.transcript()));
-            let w = (i..setup.console.len())
-                .find(|&j| setup.console[j].starts_with("desired state generation"))
-                .unwrap_or_else(|| panic!("apply {n} wrote nothing\n{}", setup.transcript()));
-            setup.line_times[w] - setup.line_times[i]
-        })
-        .collect();
-    writes.sort();
-    let write_at = writes[writes.len() / 2];
-    let mut prev = check_found(&setup);
-    assert_eq!(prev.counter, 5, "setup applied states 1..=5");
-    let offset = prev.generation - prev.counter;
-
-    // Half the cuts spread over the whole apply and a bit past its write, half packed
-    // around the write itself (the fsyncs and the rename), one per stratum, shuffled.
     let mut rng = rand::thread_rng();
-    let half = CUTS / 2;
-    let spread = write_at.mul_f64(1.3);
-    let around = (write_at.saturating_sub(Duration::from_millis(20)), write_at + Duration::from_millis(4));
-    let mut delays: Vec<Duration> = (0..CUTS)
-        .map(|i| {
-            let (lo, hi, k, n) = if i < half {
-                (Duration::ZERO, spread, i, half)
-            } else {
-                (around.0, around.1, i - half, CUTS - half)
-            };
-            let step = (hi - lo) / n as u32;
-            lo + step * k as u32 + step.mul_f64(rng.gen_range(0.0..1.0))
-        })
-        .collect();
-    delays.shuffle(&mut rng);
-
+    let mut writes: Vec<Duration> = Vec::new(); // APPLY-START -> "written", in late-cut boots
+    let mut delays: Vec<Duration> = Vec::new(); // for the cuts after the late ones
     let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut all_running = vec![prev.all_running];
-    let mut last: Option<GuestOutput> = None;
-    for i in 0..=CUTS {
-        let cut = (i < CUTS).then(|| PowerCut { after_line: "APPLY-START".into(), delay: delays[i] });
-        let out = boot(if i < CUTS { "cut" } else { "check" }, cut);
-        let found = check_found(&out);
-        all_running.push(found.all_running);
+    let mut all_running = Vec::new();
+    let mut boot_times = Vec::new();
+    let mut retried: Vec<String> = Vec::new(); // boots where an app's first start failed
+    let mut offset = None; // generation - state counter: every apply writes one generation
+    let mut last: Option<(GuestOutput, Found)> = None;
+
+    for b in 0..=CUTS {
+        let mode = match b {
+            0 => "setup",
+            _ if b == CUTS => "check",
+            _ => "cut",
+        };
+        let cut = match b {
+            _ if b == CUTS => None,
+            _ if b < LATE_CUTS => Some(PowerCut {
+                after_line: "APPLY-DONE".into(),
+                delay: Duration::from_micros(rng.gen_range(0..20_000)),
+            }),
+            _ => {
+                if delays.is_empty() {
+                    delays = cut_delays(&writes, CUTS - LATE_CUTS, &mut rng);
+                }
+                Some(PowerCut { after_line: "APPLY-START".into(), delay: delays[b - LATE_CUTS] })
+            }
+        };
+        let script = guest_script(CUT_SCRIPT, &[("@MODE@", mode)]);
+        let out = board::run_guest_with(&GuestRun {
+            disk: Some(disk.path()),
+            cut: cut.clone(),
+            ..GuestRun::new(&script, Duration::from_secs(60))
+        });
         let t = out.transcript();
+        let found = check_found(&out);
+        if b > 0 {
+            // The setup boot loaded the image first.
+            all_running.push(found.all_running);
+        }
+        boot_times.push(out.elapsed);
+        if out.value("START-FAILURES: ").is_some_and(|n| n != "0") {
+            retried.push(out.value("START-FAILURE: ").unwrap_or("?").to_string());
+        }
+        let offset = *offset.get_or_insert(found.generation - found.counter);
         assert_eq!(found.generation - found.counter, offset, "generation and apps disagree: {found:?}\n{t}");
-        if let Some(cut) = &last {
+
+        if let Some((cut_boot, before)) = &last {
             // What the cut before this boot left.
-            let applied = prev.counter + 1;
-            let returned = cut.has_line(&format!("APPLY-DONE {applied}"));
-            let printed = cut.console.iter().any(|l| l.starts_with("desired state generation"));
+            let applied = before.counter + 1;
+            let returned = cut_boot.has_line(&format!("APPLY-DONE {applied}"));
+            let written = cut_boot.console.iter().any(|l| l.starts_with("desired state generation"));
             assert!(
-                found.counter == applied || (found.counter == prev.counter && !printed),
-                "cut {i}: state {} found; {} was running and {applied} was being applied \
-                 (apply {})\n{t}",
+                found.counter == applied || (found.counter == before.counter && !written),
+                "boot {b}: state {} found; {} was running and {applied} was being applied (apply {})\n{t}",
                 found.counter,
-                prev.counter,
+                before.counter,
                 if returned {
                     "had returned"
-                } else if printed {
-                    "had written"
+                } else if written {
+                    "had written it"
                 } else {
                     "had not finished"
                 }
             );
             let temp_left = out.expect_value("STATE-DIR: ").contains(".desired.skf.tmp");
             *outcomes
-                .entry(match (found.counter == applied, temp_left) {
-                    (true, _) => "new state",
-                    (false, true) => "old state, temp file left (cut mid-write)",
-                    (false, false) => "old state",
+                .entry(match (found.counter == applied, written, temp_left) {
+                    (true, true, _) => "new state (cut after apply said written)",
+                    (true, false, _) => "new state (cut before apply said written)",
+                    (false, _, true) => "old state, temp file left (cut mid-write)",
+                    (false, _, false) => "old state",
                 })
                 .or_default() += 1;
         }
-        if i < CUTS {
-            assert_eq!(
-                out.ending,
-                Ending::PowerCut,
-                "boot {i} was to be cut {:?} into apply\n{t}",
-                delays[i]
-            );
-            assert!(out.value("APPLY-START ").is_some(), "boot {i} never applied\n{t}");
-        } else {
-            out.assert_success();
-            assert_eq!(out.value("JOURNAL: "), Some("replayed"), "the last cut left no journal to replay?");
+        match &cut {
+            Some(c) => {
+                assert_eq!(out.ending, Ending::PowerCut, "boot {b} was to be cut {c:?}\n{t}");
+                assert!(out.cut_line_at.is_some(), "boot {b} never applied\n{t}");
+                if b > 0 && b < LATE_CUTS {
+                    let (Some(start), Some(written)) =
+                        (out.line_time("APPLY-START"), out.line_time("desired state generation"))
+                    else {
+                        panic!("boot {b}: apply returned without saying it wrote\n{t}")
+                    };
+                    writes.push(written - start);
+                }
+            }
+            None => {
+                out.assert_success();
+                assert_eq!(
+                    out.value("JOURNAL: "),
+                    Some("replayed"),
+                    "the last cut left no journal to replay?"
+                );
+            }
         }
-        prev = found;
-        last = Some(out);
+        last = Some((out, found));
     }
     disk.fsck().unwrap_or_else(|e| panic!("file system damaged after {CUTS} power cuts:\n{e}"));
 
     all_running.sort_by(f64::total_cmp);
+    boot_times.sort();
     println!(
-        "{CUTS} power cuts, delays 0..{:?} after APPLY-START (write at ~{write_at:?}): {outcomes:?}",
+        "{CUTS} power cuts; apply wrote {writes:?} after APPLY-START; windowed cuts at \
+         {:?}..{:?}: {outcomes:#?}",
+        delays.iter().min().unwrap(),
         delays.iter().max().unwrap()
+    );
+    println!(
+        "one boot (verify, apply, cut): median {:?}, max {:?} host time",
+        boot_times[boot_times.len() / 2],
+        boot_times[boot_times.len() - 1]
     );
     println!(
         "boot -> all 3 apps running (guest uptime, {} boots): median {:.2} s, max {:.2} s",
@@ -580,17 +586,49 @@ fn board_power_cuts_during_apply() {
         all_running[all_running.len() / 2],
         all_running[all_running.len() - 1]
     );
+    if !retried.is_empty() {
+        println!(
+            "{} of {} boots had an app whose first start failed (retried after the backoff), e.g.: {}",
+            retried.len(),
+            CUTS + 1,
+            retried[0]
+        );
+    }
+    let old = outcomes.iter().filter(|(k, _)| k.starts_with("old")).map(|(_, n)| n).sum::<usize>();
     assert!(
-        outcomes.get("new state").is_some() && outcomes.len() > 1,
-        "all {CUTS} cuts had the same outcome ({outcomes:?}): the delays miss the write"
+        old > 0 && old < CUTS - LATE_CUTS,
+        "of {} cuts timed into apply, {old} found the old state: the delays miss the write\n{outcomes:?}",
+        CUTS - LATE_CUTS
     );
+}
+
+/// `n` delays after APPLY-START for the cuts, given when apply wrote in earlier boots: half
+/// spread from 0 to well past the write, half packed around the write itself (its fsyncs
+/// and the rename), one at a random point of each stratum, shuffled.
+fn cut_delays(writes: &[Duration], n: usize, rng: &mut impl Rng) -> Vec<Duration> {
+    let mut w = writes.to_vec();
+    w.sort();
+    let write_at = w[w.len() / 2];
+    let half = n / 2;
+    let spread = (Duration::ZERO, write_at.mul_f64(1.6));
+    let around = (write_at.saturating_sub(Duration::from_millis(25)), write_at + Duration::from_millis(5));
+    let mut delays: Vec<Duration> = (0..n)
+        .map(|i| {
+            let ((lo, hi), k, strata) =
+                if i < half { (spread, i, half) } else { (around, i - half, n - half) };
+            let step = (hi - lo) / strata as u32;
+            lo + step * k as u32 + step.mul_f64(rng.gen_range(0.0..1.0))
+        })
+        .collect();
+    delays.shuffle(rng);
+    delays
 }
 
 /// A guest that never finishes is killed at the timeout, not waited on forever.
 #[test]
 fn board_hung_guest_times_out() {
-    let out = board::run_guest("echo HANG-START; sleep 600", None, Duration::from_secs(10));
+    let out = board::run_guest("echo HANG-START; sleep 600", None, Duration::from_secs(5));
     assert_eq!(out.ending, Ending::TimedOut, "{}", out.transcript());
     assert!(out.has_line("HANG-START"), "the guest never ran the script\n{}", out.transcript());
-    assert!(out.elapsed < Duration::from_secs(15), "the kill took {:?}", out.elapsed);
+    assert!(out.elapsed < Duration::from_secs(10), "the kill took {:?}", out.elapsed);
 }

@@ -114,6 +114,16 @@ fn create_and_start(
             std::fs::canonicalize(f).ok().map(|p| (p.to_string_lossy().into_owned(), f.to_string()))
         })
         .collect();
+    if cgroups.version == spec::CgroupVersion::V2 {
+        // libcgroups 0.7 creates each part of the path with a check-then-mkdir,
+        // so shims starting together after a boot race on the shared parent
+        // (`/skiff`) and the loser fails with EEXIST. Make the parent first;
+        // create_dir_all tolerates the race. Controllers are still enabled on it.
+        if let Some(parent) = Path::new(&cfg.cgroup_path).parent() {
+            let dir = cgroups.root.join(parent.strip_prefix("/").unwrap_or(parent));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        }
+    }
     let rootfs = image::mount_rootfs(&cfg.image_rootfs, &dir.join("rootfs"))
         .context("preparing the root file system")?;
     let rootfs = rootfs.to_str().ok_or_else(|| anyhow!("rootfs path is not UTF-8"))?.to_string();

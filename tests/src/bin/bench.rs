@@ -13,7 +13,10 @@
 //! - reconcile: callgrind instruction counts of one reconcile pass with 50
 //!   apps, the reconciler alone (exact and repeatable, for comparing changes).
 //!
-//! Sections can be picked: `bench start memory mqtt size reconcile`.
+//! - board: on the emulated aarch64 board (QEMU), boot -> all apps running
+//!   and the agent's memory with 5 apps (see `skiff_tests::board`).
+//!
+//! Sections can be picked: `bench start memory mqtt size reconcile board`.
 
 use serde_json::Value;
 use skiff_tests::agent::{repo, wait_for, Sandbox};
@@ -54,6 +57,9 @@ fn main() {
     }
     if run("reconcile") {
         reconcile();
+    }
+    if run("board") {
+        board();
     }
 }
 
@@ -219,9 +225,10 @@ fn sizes() {
     for (label, p) in [
         ("x86_64 skiff", t.join("release/skiff")),
         ("x86_64 skiffctl", t.join("release/skiffctl")),
-        ("aarch64-musl skiff", t.join("aarch64-unknown-linux-musl/release/skiff")),
-        ("aarch64-musl skiffctl", t.join("aarch64-unknown-linux-musl/release/skiffctl")),
-        ("armv7-gnueabihf skiff", t.join("armv7-unknown-linux-gnueabihf/release/skiff")),
+        ("aarch64-musl skiff", t.join("cross/aarch64-unknown-linux-musl/skiff")),
+        ("aarch64-musl skiffctl", t.join("cross/aarch64-unknown-linux-musl/skiffctl")),
+        ("armv7-gnueabihf skiff", t.join("cross/armv7-unknown-linux-gnueabihf/skiff")),
+        ("armv7-gnueabihf skiffctl", t.join("cross/armv7-unknown-linux-gnueabihf/skiffctl")),
     ] {
         match std::fs::metadata(&p) {
             Ok(m) => {
@@ -265,4 +272,85 @@ fn reconcile() {
     println!("one reconcile pass, 50 apps with liveness and readiness probes (callgrind, instructions)");
     println!("  nothing changed (same desired state + tick)  {steady:>10}");
     println!("  every app changed (50 stops)                 {changed:>10}\n");
+}
+
+/// On the emulated aarch64 board (QEMU, see `skiff_tests::board`), state on its virtio disk:
+/// cold boots with 5 idle apps in the stored desired state. Boot -> all 5 apps running (guest
+/// uptime when `skiff ps` first shows them all running) and the PSS of the agent and its
+/// shims, idle, 3 s later.
+fn board() {
+    use skiff_tests::board::{run_guest_with, Disk, GuestRun, GUEST_LIB};
+    const BOOTS: usize = 5;
+    const APPS: usize = 5;
+    let script = [
+        GUEST_LIB,
+        r#"
+set -u
+if [ ! -f /var/lib/skiff/desired.skf ]; then
+    skiff image load /images/busybox >/dev/null || exit 1
+    for i in 0 1 2 3 4; do
+        printf '[[app]]\nname = "idle-%s"\nimage = "busybox:1"\ncommand = ["sleep", "3600"]\n' $i
+        printf 'stop_grace = "0s"\n\n'
+    done >/tmp/apps.toml
+    skiff apply -f /tmp/apps.toml >/dev/null || exit 1
+    exit 0
+fi
+echo "AGENT-START: $(up)"
+start_agent
+if wait_running 5 60; then echo "ALL-RUNNING: $(up)"; else agent_log; exit 1; fi
+sleep 3
+pss() { awk '/^Pss:/ { print $2 }' "/proc/$1/smaps_rollup"; }
+echo "PSS-AGENT: $(pss "$AGENT_PID")"
+n=0 total=0
+for d in /proc/[0-9]*; do
+    case " $(tr '\0' ' ' <"$d/cmdline" 2>/dev/null)" in
+        *" shim "*) n=$((n + 1)); total=$((total + $(pss "${d#/proc/}"))) ;;
+    esac
+done
+echo "PSS-SHIMS: $n $total"
+"#,
+    ]
+    .concat();
+    let disk = Disk::new(64);
+    let boot = || {
+        let out = run_guest_with(&GuestRun {
+            disk: Some(disk.path()),
+            quiet: true,
+            ..GuestRun::new(&script, Duration::from_secs(120))
+        });
+        out.assert_success();
+        out
+    };
+    boot(); // loads the image and stores the apps
+    let (mut up, mut agent_up, mut agent, mut shims) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..BOOTS {
+        let out = boot();
+        let all = out.expect_f64("ALL-RUNNING: ");
+        up.push(all);
+        agent_up.push(all - out.expect_f64("AGENT-START: "));
+        agent.push(out.expect_f64("PSS-AGENT: "));
+        let s: Vec<f64> = out.expect_value("PSS-SHIMS: ").split(' ').map(|v| v.parse().unwrap()).collect();
+        assert_eq!(s[0] as usize, APPS, "one shim per app\n{}", out.transcript());
+        shims.push(s[1]);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let (um, umin, umax) = median(&mut up);
+    let (am, amin, amax) = median(&mut agent_up);
+    let (pa, pm) = (median(&mut agent).0, median(&mut shims).0);
+    println!("ARM board (QEMU aarch64 cortex-a53, 2 CPUs, 512 MiB), {APPS} idle apps, {BOOTS} cold boots");
+    println!(
+        "  {:<40} median {um:6.2}  min {umin:6.2}  max {umax:6.2}",
+        "boot -> all apps running (guest s)"
+    );
+    println!(
+        "  {:<40} median {am:6.2}  min {amin:6.2}  max {amax:6.2}",
+        "agent start -> all apps running (s)"
+    );
+    println!("  memory, idle (PSS, KiB, median)");
+    println!("    agent                    {pa:8.0}");
+    println!("    shims ({APPS})                {pm:8.0}  ({:.0} each)", pm / APPS as f64);
+    println!("    total                    {:8.0}  ({:.1} MiB)\n", pa + pm, (pa + pm) / 1024.0);
 }
