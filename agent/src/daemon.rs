@@ -62,7 +62,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     }
     std::fs::set_permissions(&paths.run_dir, std::fs::Permissions::from_mode(0o700))?;
     let images = Arc::new(ImageStore::open(&paths.images())?);
-    let runtime = Arc::new(Runtime::new(paths.clone(), images, cfg.log_cap)?);
+    let runtime = Arc::new(Runtime::new(paths.clone(), images.clone(), cfg.log_cap)?);
     let store = StateStore::new(&paths.state_dir);
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
@@ -168,6 +168,21 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             }
             Input::Link(crate::link::Incoming::Desired { state, persisted }) => {
                 let generation = state.generation;
+                // The new images must be here before anything old is stopped.
+                // Until they are, the state is not persisted: the link keeps it
+                // unacknowledged, says why, and offers it again with backoff.
+                let missing: Vec<String> = state
+                    .apps
+                    .iter()
+                    .filter(|a| images.resolve(&a.image).is_err())
+                    .map(|a| format!("app {}: image {} is not on this device", a.name, a.image))
+                    .collect();
+                if !missing.is_empty() {
+                    let reason = missing.join("; ");
+                    warn!(generation, %reason, "controller's desired state waits for its images");
+                    let _ = persisted.send(Err(reason));
+                    continue;
+                }
                 let superseded = (origin == Origin::Local && rec.generation() > 0).then(|| rec.generation());
                 // Persist before acknowledging: the link acks the broker only on Ok.
                 match store.save(state.clone(), Some(generation)) {

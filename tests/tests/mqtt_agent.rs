@@ -201,3 +201,35 @@ fn state_published_while_offline_is_applied_on_reconnect_and_forgeries_are_refus
     });
     assert_eq!(st["origin"], "Controller");
 }
+
+#[test]
+fn controller_state_waits_for_its_images_and_stops_nothing_meanwhile() {
+    let fleet = Fleet::new();
+    let mut sb = fleet.agent();
+    // The operator's events session, opened before anything happens.
+    assert!(fleet.events("ops").is_empty());
+    sb.start_agent();
+    assert!(fleet.apply(sb.dir.path(), APPS, None).status.success());
+    let web = sb.wait_running("web");
+    let v2 = APPS.replacen("busybox:1", "busybox:2", 1);
+    assert!(fleet.apply(sb.dir.path(), &v2, None).status.success());
+    // The device says why it waits, and the old container keeps running.
+    let events = wait_for(Duration::from_secs(20), "the device to say it waits", || {
+        let e = fleet.events("ops");
+        e.iter()
+            .any(|e| {
+                e["detail"].as_str().is_some_and(|d| d.contains("image busybox:2 is not on this device"))
+            })
+            .then_some(e)
+    });
+    assert!(!events.is_empty());
+    assert_eq!(sb.app("web")["pid"], web["pid"], "web was stopped for an image it cannot run");
+    // The image arrives: the waiting state is applied.
+    let image = skiff_tests::agent::busybox_image().to_str().unwrap().to_string();
+    let out = sb.skiff(&["image", "load", "--name", "busybox:2", &image]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let web2 = sb.wait_app("web", Duration::from_secs(90), "replaced", |a| {
+        a["image"] == "busybox:2" && a["phase"] == "running"
+    });
+    assert_ne!(web2["pid"], web["pid"]);
+}
