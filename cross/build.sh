@@ -15,6 +15,13 @@
 # cargo build. Builds use the workspace's target dir, sharing artifacts with other builds.
 set -euo pipefail
 
+# Run from `cargo test` (the QEMU tests call this), cargo's per-crate variables
+# leak in and make crates such as ring rebuild from scratch (their build scripts
+# watch them): start from a clean slate, keeping the user's own settings.
+for v in $(compgen -e | grep -E '^CARGO_' | grep -vE '^CARGO_(HOME|TARGET_DIR|BUILD_JOBS|NET_.*|REGISTRIES_.*|HTTP_.*)$'); do
+    unset "$v"
+done
+
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
