@@ -332,9 +332,9 @@ impl Executor {
                     let rt = self.runtime.clone();
                     let tx = self.tx.clone();
                     tokio::spawn(async move {
-                        let exe = std::env::current_exe().unwrap_or_default();
                         let id = Paths::container_id(&app, instance);
-                        let (ok, detail) = crate::probe::run(&probe, &exe, &rt.paths.containers(), &id).await;
+                        let (ok, detail) =
+                            crate::probe::run(&probe, &rt.exe, &rt.paths.containers(), &id).await;
                         Self::send(&tx, Event::ProbeResult { app, instance, kind, ok, detail });
                     });
                 }

@@ -69,7 +69,8 @@ pub enum FoundState {
 pub struct Runtime {
     pub paths: Paths,
     images: Arc<ImageStore>,
-    exe: PathBuf,
+    /// This binary, resolved once: shims and exec probes re-execute it.
+    pub exe: PathBuf,
     pub log_cap: u64,
 }
 
