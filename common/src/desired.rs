@@ -56,6 +56,7 @@ pub struct AppSpec {
     pub startup: Option<Probe>,
     /// Time between SIGTERM and SIGKILL when the app is stopped.
     pub stop_grace: Duration,
+    pub pull: PullPolicy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,4 +136,12 @@ impl Probe {
 
 impl AppSpec {
     pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PullPolicy {
+    #[default]
+    IfNotPresent,
+    Always,
+    Never,
 }

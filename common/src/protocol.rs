@@ -404,6 +404,7 @@ pub struct Reported {
     /// Where that state came from (a local `skiff apply` or the controller).
     pub origin: Origin,
     pub apps: Vec<AppStatus>,
+    pub pulls: Vec<crate::PullStatus>,
     /// The agent's version (`CARGO_PKG_VERSION`).
     pub agent_version: String,
     /// The last desired state the device refused. Filled in by the link.

@@ -69,3 +69,11 @@ pub struct AppStatus {
     /// Last error creating or running it, if any.
     pub error: Option<String>,
 }
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullStatus {
+    pub image: String,
+    pub done: u64,
+    pub total: u64,
+    pub error: Option<String>,
+}

@@ -65,6 +65,7 @@ struct RawApp {
     readiness: Option<Spanned<RawProbe>>,
     startup: Option<Spanned<RawProbe>>,
     stop_grace: Option<Spanned<String>>,
+    pull: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -332,6 +333,11 @@ fn validate_app(cx: &mut Ctx, raw: &RawApp, label: &str) -> Option<AppSpec> {
         readiness,
         startup,
         stop_grace,
+        pull: match raw.pull.as_deref() {
+            Some("always") => crate::PullPolicy::Always,
+            Some("never") => crate::PullPolicy::Never,
+            _ => crate::PullPolicy::IfNotPresent,
+        },
     })
 }
 

@@ -37,6 +37,7 @@ fn spec(app: &str) -> AppSpec {
         readiness: None,
         startup: None,
         stop_grace: secs(10),
+        pull: Default::default(),
     }
 }
 
