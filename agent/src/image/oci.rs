@@ -136,6 +136,7 @@ fn check_header(version: u32, own: Option<&str>, desc: Option<&str>, what: &str)
 pub enum Compression {
     None,
     Gzip,
+    Zstd,
 }
 
 pub fn layer_compression(media_type: &str) -> Result<Compression, ImageError> {
@@ -146,6 +147,9 @@ pub fn layer_compression(media_type: &str) -> Result<Compression, ImageError> {
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
         | "application/vnd.docker.image.rootfs.diff.tar.gzip"
         | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Ok(Compression::Gzip),
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Ok(Compression::Zstd),
         other => Err(ImageError::Unsupported(format!("layer media type {other:?}"))),
     }
 }
