@@ -57,10 +57,8 @@ struct View {
 
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let paths = cfg.paths.clone();
-    for dir in [&paths.state_dir, &paths.run_dir, &paths.log_dir] {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    }
-    std::fs::set_permissions(&paths.run_dir, std::fs::Permissions::from_mode(0o700))?;
+    // Private dirs and files (0700/0600), also on an install a umask or an older version left readable.
+    paths.secure()?;
     let images = Arc::new(ImageStore::open(&paths.images())?);
     let runtime = Arc::new(Runtime::new(paths.clone(), images.clone(), cfg.log_cap)?);
     let store = StateStore::new(&paths.state_dir);
