@@ -582,6 +582,7 @@ mod tests {
             readiness: None,
             startup: None,
             stop_grace: Duration::from_secs(3),
+            pull: Default::default(),
         };
         DesiredState { generation, origin: Origin::Controller, apps: vec![app] }
     }
@@ -785,6 +786,7 @@ mod tests {
     #[test]
     fn reported_and_events_round_trip_and_respect_limits() {
         let r = Reported {
+            pulls: Vec::new(),
             device: dev("pi-1"),
             generation_applied: 3,
             origin: Origin::Controller,

@@ -164,6 +164,7 @@ async fn refused_states_are_acknowledged_reported_and_never_applied() -> Result<
 
     // The last refusal travels in every reported state.
     h.report(Reported {
+        pulls: Vec::new(),
         device: dev.clone(),
         generation_applied: 5,
         origin: Origin::Controller,

@@ -117,10 +117,8 @@ fn off_loop<T: Send + 'static>(
 /// The agent on this host: real containers, the state file, the image store.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let paths = cfg.paths.clone();
-    for dir in [&paths.state_dir, &paths.run_dir, &paths.log_dir] {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    }
-    std::fs::set_permissions(&paths.run_dir, std::fs::Permissions::from_mode(0o700))?;
+    // Private dirs and files (0700/0600), also on an install a umask or an older version left readable.
+    paths.secure()?;
     let store_dir = paths.images();
     let images = Arc::new(tokio::task::spawn_blocking(move || ImageStore::open(&store_dir)).await??);
     let image_port: Arc<dyn Images> =

@@ -117,15 +117,9 @@ impl Containers for RealContainers {
     }
 
     fn remove_app(&self, app: &AppName) {
-        let log_dir = &self.0.paths.log_dir;
-        for f in [
-            crate::runtime::logs::current(log_dir, app.as_str()),
-            crate::runtime::logs::rotated(log_dir, app.as_str()),
-        ] {
-            let _ = std::fs::remove_file(f);
+        if let Err(err) = self.0.remove_app_files(app) {
+            tracing::warn!(app = %app, %err, "removing the files of a removed app");
         }
-        // Only an empty app dir: a late exit of its last instance may still be handled.
-        let _ = std::fs::remove_dir(self.0.paths.apps().join(app.as_str()));
     }
 }
 

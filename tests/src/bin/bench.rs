@@ -97,8 +97,15 @@ fn storm(n: usize) {
     let (med, p95, _) = stats(ps_ms.clone());
     let max = ps_ms.iter().cloned().fold(0.0, f64::max);
     println!("storm: {n} apps applied at once");
-    println!("  apply -> all running: {:.1} s ({:.1} ms per app)", all_running.as_secs_f64(), all_running.as_secs_f64() * 1000.0 / n as f64);
-    println!("  `skiff ps` during the start ({} calls): median {med:.1} ms, p95 {p95:.1} ms, max {max:.1} ms", ps_ms.len());
+    println!(
+        "  apply -> all running: {:.1} s ({:.1} ms per app)",
+        all_running.as_secs_f64(),
+        all_running.as_secs_f64() * 1000.0 / n as f64
+    );
+    println!(
+        "  `skiff ps` during the start ({} calls): median {med:.1} ms, p95 {p95:.1} ms, max {max:.1} ms",
+        ps_ms.len()
+    );
     let t = Instant::now();
     sb.apply("");
     wait_for(Duration::from_secs(600), "every app removed", || {
