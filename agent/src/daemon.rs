@@ -277,6 +277,7 @@ fn report(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         last_rejection: None,
         sent_unix: 0,
+        pulls: Vec::new(),
     });
     *last = Some(now);
 }

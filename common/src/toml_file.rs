@@ -50,6 +50,7 @@ struct RawFile {
 struct RawApp {
     name: Spanned<String>,
     image: Spanned<String>,
+    pull: Option<Spanned<String>>,
     command: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     env: BTreeMap<Spanned<String>, String>,
@@ -255,6 +256,20 @@ fn validate_app(cx: &mut Ctx, raw: &RawApp, label: &str) -> Option<AppSpec> {
             RestartPolicy::Always
         }
     };
+    let pull = match raw.pull.as_ref() {
+        None => PullPolicy::default(),
+        Some(s) => match PullPolicy::ALL.into_iter().find(|p| p.as_str() == s.get_ref()) {
+            Some(p) => p,
+            None => {
+                cx.err(
+                    s.span(),
+                    format!("{label}: pull"),
+                    format!("{:?} is not one of if-not-present, always, never", s.get_ref()),
+                );
+                PullPolicy::default()
+            }
+        },
+    };
     let network = match raw.network.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
         None | Some(("host", _)) => NetworkMode::Host,
         Some(("none", _)) => NetworkMode::None,
@@ -320,6 +335,7 @@ fn validate_app(cx: &mut Ctx, raw: &RawApp, label: &str) -> Option<AppSpec> {
     Some(AppSpec {
         name: name?,
         image: image?,
+        pull,
         command,
         env,
         workdir,
@@ -576,6 +592,19 @@ exec = ["cat", "/tmp/ok"]
         )
         .unwrap();
         assert_eq!(s.apps[0].liveness.as_ref().unwrap().timeout, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn pull_policy_defaults_to_if_not_present() {
+        let base = "[[app]]\nname = \"a\"\nimage = \"b\"\n";
+        assert_eq!(parse(base).unwrap().apps[0].pull, PullPolicy::IfNotPresent);
+        for p in PullPolicy::ALL {
+            let s = parse(&format!("{base}pull = \"{}\"\n", p.as_str())).unwrap();
+            assert_eq!(s.apps[0].pull, p);
+        }
+        let e = one_error(&format!("{base}pull = \"sometimes\"\n"));
+        assert_eq!((e.line, e.column, e.field.as_str()), (4, 8, "app \"a\": pull"));
+        assert_eq!(e.message, "\"sometimes\" is not one of if-not-present, always, never");
     }
 
     #[test]

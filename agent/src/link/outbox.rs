@@ -285,6 +285,7 @@ mod tests {
             agent_version: "t".into(),
             last_rejection: None,
             sent_unix: 0,
+            pulls: Vec::new(),
         }
     }
 
