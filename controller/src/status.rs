@@ -152,7 +152,10 @@ fn render(views: &[DeviceView], now: u64) -> String {
         }
         for p in &v.pulls {
             let state = p.error.as_ref().map_or("pulling".to_string(), |e| format!("failed, retrying: {e}"));
-            out.push_str(&format!("  {}: pull {} {}/{} bytes, {state}\n", v.device, p.image, p.done, p.total));
+            out.push_str(&format!(
+                "  {}: pull {} {}/{} bytes, {state}\n",
+                v.device, p.image, p.done, p.total
+            ));
         }
         if let (Some(t), true) = (v.last_seen_unix, v.online == Some(false)) {
             out.push_str(&format!("  {}: offline, last report {}\n", v.device, utc(t)));

@@ -134,7 +134,6 @@ async fn keygen_apply_status_events() -> Result<()> {
     assert_eq!((state.generation, state.origin, state.apps.len()), (g1, Origin::Controller, 1));
     persisted.send(Ok(())).expect("link waits");
     h.report(Reported {
-        pulls: Vec::new(),
         device: DeviceId::try_from("pi-1")?,
         generation_applied: g1,
         origin: Origin::Controller,
@@ -153,6 +152,7 @@ async fn keygen_apply_status_events() -> Result<()> {
         agent_version: "test".into(),
         last_rejection: None,
         sent_unix: 0,
+        pulls: Vec::new(),
     });
 
     // Status: retained messages only, read until the report is in.

@@ -48,8 +48,15 @@ impl Fleet {
         let f = dir.join("fleet-apps.toml");
         std::fs::write(&f, toml).unwrap();
         let key = self.keys.path().join("controller.key");
-        let mut args =
-            vec!["apply", "-f", f.to_str().unwrap(), "--device", &self.device, "--key", key.to_str().unwrap()];
+        let mut args = vec![
+            "apply",
+            "-f",
+            f.to_str().unwrap(),
+            "--device",
+            &self.device,
+            "--key",
+            key.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         self.skiffctl(&args)
     }
@@ -59,7 +66,12 @@ impl Fleet {
         let out = self.skiffctl(&["status", "--json"]);
         assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
         let all: Value = serde_json::from_slice(&out.stdout).unwrap();
-        all.as_array().unwrap().iter().find(|d| d["device"] == self.device.as_str()).cloned().unwrap_or(Value::Null)
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device"] == self.device.as_str())
+            .cloned()
+            .unwrap_or(Value::Null)
     }
 
     /// `skiffctl events --json` drained with a persistent session `client`.

@@ -4,7 +4,7 @@
 
 pub mod agent;
 pub mod bench_mqtt;
-pub mod fleet;
 pub mod board;
+pub mod fleet;
 pub mod mqtt;
 pub mod registry;

@@ -164,7 +164,6 @@ async fn refused_states_are_acknowledged_reported_and_never_applied() -> Result<
 
     // The last refusal travels in every reported state.
     h.report(Reported {
-        pulls: Vec::new(),
         device: dev.clone(),
         generation_applied: 5,
         origin: Origin::Controller,
@@ -172,6 +171,7 @@ async fn refused_states_are_acknowledged_reported_and_never_applied() -> Result<
         agent_version: "test".into(),
         last_rejection: None,
         sent_unix: 0,
+        pulls: Vec::new(),
     });
     let reported = decode_reported(&obs.next_on("/reported", S5).await?.payload)?;
     assert_eq!(reported.generation_applied, 5);

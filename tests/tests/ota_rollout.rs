@@ -124,7 +124,10 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
     let during = wait_for(Duration::from_secs(30), "pull progress in ps", || {
         let ps = sb.ps();
         let pulls = ps["pulls"].as_array().cloned().unwrap_or_default();
-        pulls.iter().any(|p| p["done"].as_u64() > Some(0) && p["total"].as_u64() > p["done"].as_u64()).then_some(ps)
+        pulls
+            .iter()
+            .any(|p| p["done"].as_u64() > Some(0) && p["total"].as_u64() > p["done"].as_u64())
+            .then_some(ps)
     });
     let w = during["apps"].as_array().unwrap().iter().find(|a| a["name"] == "web").unwrap().clone();
     assert_eq!((w["phase"].as_str(), w["pid"].as_i64()), (Some("running"), Some(old_pid)), "{during}");
@@ -145,7 +148,8 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
     assert!(out.status.success(), "apply v3: {}", String::from_utf8_lossy(&out.stderr));
     let st = wait_for(Duration::from_secs(60), "the failed pull in the reported state", || {
         let s = fleet.status();
-        let failed = s["pulls"].as_array()?.iter().any(|p| p["image"] == v3.as_str() && p["error"].is_string());
+        let failed =
+            s["pulls"].as_array()?.iter().any(|p| p["image"] == v3.as_str() && p["error"].is_string());
         failed.then_some(s)
     });
     let reason = st["pulls"][0]["error"].as_str().unwrap().to_string();
