@@ -37,9 +37,9 @@ pub struct PullProgress {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
-    #[error("{0}")]
+    #[error(transparent)]
     Registry(#[from] skiff_registry::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] ImageError),
     #[error("image {0} is not in the image store and its pull policy is \"never\" (load it with `skiff image load`)")]
     NeverPull(String),

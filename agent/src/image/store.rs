@@ -425,7 +425,12 @@ impl ImageStore {
 
     fn load_locked(&self, path: &Path, name: Option<&ImageRef>) -> Result<Vec<ImageInfo>, ImageError> {
         let src = Source::open(path)?;
-        let index = src.index()?;
+        let mut index = src.index()?;
+        if name.is_some() {
+            // One image under several names (a docker save with two RepoTags) is one image.
+            let mut seen = HashSet::new();
+            index.manifests.retain(|d| seen.insert(d.digest.clone()));
+        }
         let layout_err = |reason: String| ImageError::Layout { path: path.to_path_buf(), reason };
         if index.manifests.is_empty() {
             return Err(layout_err("index.json lists no images".into()));
