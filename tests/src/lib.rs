@@ -6,3 +6,4 @@ pub mod agent;
 pub mod bench_mqtt;
 pub mod board;
 pub mod mqtt;
+pub mod registry;
