@@ -110,6 +110,13 @@ impl ImageRef {
             None => DOCKER_HUB,
         }
     }
+    /// Whether the reference names its registry (`host/...`, `docker.io/...`)
+    /// rather than being a short name such as `busybox:1`, which is also how
+    /// sideloaded images are named.
+    pub fn names_registry(&self) -> bool {
+        let written = self.raw.split(['@']).next().unwrap_or("");
+        written.split_once('/').is_some_and(|(first, _)| is_host(first))
+    }
     /// The repository path within the registry: `library/busybox` for `busybox`,
     /// `app` for `127.0.0.1:5000/app`.
     pub fn repository(&self) -> std::borrow::Cow<'_, str> {
@@ -374,6 +381,20 @@ mod tests {
         }
         for bad in ["host:50x0/app", "a/b:1/c", "docker.io/", "x:1:2/a"] {
             assert!(ImageRef::try_from(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_registry() {
+        for (s, named) in [
+            ("busybox:1", false),
+            ("library/busybox", false),
+            ("docker.io/library/busybox:1", true),
+            ("127.0.0.1:5000/app", true),
+            ("localhost/app", true),
+            ("someone/app", false),
+        ] {
+            assert_eq!(ImageRef::try_from(s).unwrap().names_registry(), named, "{s}");
         }
     }
 

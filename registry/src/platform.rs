@@ -9,15 +9,18 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// The platform this binary was built for (an armv7 build says `linux/arm/v7`,
-    /// an armv6 one `linux/arm/v6`).
+    /// The platform this binary runs on. On 32-bit arm the variant comes from
+    /// the CPU (`/proc/cpuinfo`: ARMv7 or a v8 CPU in 32-bit mode -> `v7`,
+    /// ARMv6 (Pi Zero / 1) -> `v6`); v7 when it cannot be read.
     pub fn host() -> Platform {
         let (arch, variant) = match std::env::consts::ARCH {
             "aarch64" => ("arm64", None),
             "x86_64" => ("amd64", None),
             "x86" => ("386", None),
-            "arm" if cfg!(target_feature = "v7") => ("arm", Some("v7")),
-            "arm" => ("arm", Some("v6")),
+            "arm" => {
+                let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+                ("arm", Some(arm_variant(&cpuinfo)))
+            }
             "riscv64" => ("riscv64", None),
             other => (other, None),
         };
@@ -83,6 +86,24 @@ impl Platform {
     }
 }
 
+/// The OCI arm variant for a `/proc/cpuinfo`: `v6` when the model name says
+/// ARMv6 (the Pi 1 / Zero's ARM1176 also says `CPU architecture: 7`), else from
+/// the first `CPU architecture` line (`7`, `8`, `5TEJ`), `v7` when there is none.
+fn arm_variant(cpuinfo: &str) -> &'static str {
+    if cpuinfo.lines().any(|l| l.starts_with("model name") && (l.contains("ARMv6") || l.contains("(v6l)"))) {
+        return "v6";
+    }
+    let level = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("CPU architecture")?.split_once(':').map(|(_, v)| v.trim()))
+        .and_then(|v| v.chars().take_while(char::is_ascii_digit).collect::<String>().parse::<u32>().ok());
+    match level {
+        Some(0..=5) => "v5",
+        Some(6) => "v6",
+        _ => "v7",
+    }
+}
+
 impl fmt::Display for Platform {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.os, self.architecture)?;
@@ -121,6 +142,20 @@ mod tests {
         assert_eq!(v6.rank(&p("linux/arm/v7")), None);
         assert_eq!(v6.rank(&p("linux/arm/v6")), Some(0));
         assert_eq!(p("linux/armhf"), v7);
+    }
+
+    #[test]
+    fn arm_variant_from_cpuinfo() {
+        assert_eq!(arm_variant("processor\t: 0\nCPU architecture: 7\n"), "v7");
+        assert_eq!(arm_variant("CPU architecture: 8\n"), "v7");
+        assert_eq!(
+            arm_variant("model name\t: ARMv6-compatible processor rev 7 (v6l)\nCPU architecture: 6\n"),
+            "v6"
+        );
+        assert_eq!(arm_variant("CPU architecture: 5TEJ\n"), "v5");
+        let zero = "model name\t: ARMv6-compatible processor rev 7 (v6l)\nCPU architecture: 7\n";
+        assert_eq!(arm_variant(zero), "v6");
+        assert_eq!(arm_variant(""), "v7");
     }
 
     #[test]

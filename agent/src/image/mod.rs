@@ -22,14 +22,16 @@
 mod cli;
 mod mount;
 mod oci;
+mod pull;
 mod source;
 mod store;
 #[cfg(test)]
 mod tests;
 mod unpack;
 
-pub use cli::{cli_load, cli_ls};
+pub use cli::{cli_check, cli_load, cli_ls, cli_pull, parse_rate, PullConfig};
 pub use mount::{mount_rootfs, unmount_rootfs};
+pub use pull::{pull, PullError, PullPolicy, PullProgress};
 pub use store::{CheckReport, DiskUsage, GcReport, ImageStore};
 
 use serde::Serialize;

@@ -14,8 +14,10 @@ pub const INDEX_OCI: &str = "application/vnd.oci.image.index.v1+json";
 pub const INDEX_DOCKER: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MANIFEST_OCI: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MANIFEST_DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const CONFIG_TYPES: &[&str] =
-    &["application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"];
+pub const CONFIG_OCI: &str = "application/vnd.oci.image.config.v1+json";
+const CONFIG_TYPES: &[&str] = &[CONFIG_OCI, "application/vnd.docker.container.image.v1+json"];
+pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const ANN_REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// containerd and nerdctl put the full reference here and only the tag in ref.name.
 pub const ANN_CONTAINERD_NAME: &str = "io.containerd.image.name";
@@ -42,7 +44,7 @@ impl Descriptor {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Index {
     pub schema_version: u32,

@@ -294,6 +294,22 @@ impl ImageStore {
         self.blob_path(desc).is_ok_and(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() == desc.size))
     }
 
+    /// What the store holds under `r` (by tag, or by manifest or index digest), if it
+    /// holds it unpacked.
+    pub fn info(&self, r: &ImageRef) -> Result<Option<ImageInfo>, ImageError> {
+        let refs = self.read_refs()?;
+        let Some(digest) = stored_digest(&refs, r) else { return Ok(None) };
+        if !self.rootfs_path(digest)?.is_dir() {
+            return Ok(None);
+        }
+        let k = key(r);
+        let reference = match refs.refs.get(&k) {
+            Some(d) if d == digest => k,
+            _ => refs.refs.iter().find(|(_, d)| *d == digest).map(|(k, _)| k.clone()).unwrap_or(k),
+        };
+        info(&refs, &reference, digest).map(Some)
+    }
+
     /// Whether `r` names a stored, unpacked image.
     pub fn contains(&self, r: &ImageRef) -> bool {
         self.resolve(r).is_ok()
@@ -306,7 +322,6 @@ impl ImageStore {
     /// fsynced and renamed. Records `reference` (and `index`, the multi-arch index digest
     /// the manifest was picked from) in refs.json. On error nothing new is named, and the
     /// partial downloads stay for the next attempt.
-    #[allow(dead_code)] // the pull glue (next) calls it
     pub(super) fn import_pulled(
         &self,
         reference: &ImageRef,
@@ -350,19 +365,17 @@ impl ImageStore {
         if let Some(i) = index {
             refs.indexes.insert(i.to_string(), digest.clone());
         }
-        let name = match reference.digest() {
-            Some(_) => format!("{}@{digest}", reference.name()),
-            None => key(reference),
-        };
-        set_ref(&mut refs, &name, &digest);
+        let name = key(reference);
+        match reference.digest() {
+            // A pin is kept as written (`name@<index or manifest digest>`), so `ls` shows
+            // it even when a tag names the same image.
+            Some(_) => {
+                refs.refs.insert(name.clone(), digest.clone());
+            }
+            None => set_ref(&mut refs, &name, &digest),
+        }
         self.write_refs(&refs, &old)?;
-        let reference = if refs.refs.contains_key(&name) {
-            name
-        } else {
-            // A tag already names this manifest, so no digest entry was added.
-            refs.refs.iter().find(|(_, d)| **d == digest).map(|(k, _)| k.clone()).unwrap_or(name)
-        };
-        let info = info(&refs, &reference, &digest)?;
+        let info = info(&refs, &name, &digest)?;
         tracing::info!(image = %info.reference, digest = %info.digest, platform = %info.platform, "image pulled");
         Ok(info)
     }
@@ -412,7 +425,12 @@ impl ImageStore {
 
     fn load_locked(&self, path: &Path, name: Option<&ImageRef>) -> Result<Vec<ImageInfo>, ImageError> {
         let src = Source::open(path)?;
-        let index = src.index()?;
+        let mut index = src.index()?;
+        if name.is_some() {
+            // One image under several names (a docker save with two RepoTags) is one image.
+            let mut seen = HashSet::new();
+            index.manifests.retain(|d| seen.insert(d.digest.clone()));
+        }
         let layout_err = |reason: String| ImageError::Layout { path: path.to_path_buf(), reason };
         if index.manifests.is_empty() {
             return Err(layout_err("index.json lists no images".into()));

@@ -732,3 +732,53 @@ fn enospc_during_unpack_is_clear_and_leaves_the_store_consistent() {
     let manifest: Value = serde_json::from_slice(&bytes).unwrap();
     assert!(store.partial_path(manifest["layers"][0]["digest"].as_str().unwrap()).unwrap().is_file());
 }
+
+/// `docker save` before Docker 25: manifest.json + repositories, `<id>/layer.tar` files
+/// (uncompressed), `<id>.json` configs; the names come from RepoTags.
+#[test]
+fn docker_save_archives_load_with_their_names() {
+    let t = TempDir::new().unwrap();
+    let store = ImageStore::open(&t.path().join("store")).unwrap();
+    let tars = [tar_bytes(&[E::Dir("etc/"), E::File("etc/v", "1")]), tar_bytes(&[E::File("etc/v", "2")])];
+    let config = json!({
+        "architecture": host(), "os": "linux",
+        "config": {"Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": tars.iter().map(|t| sha(t)).collect::<Vec<_>>()},
+    })
+    .to_string();
+    let config_name = format!("{}.json", &sha(config.as_bytes())[7..]);
+    let manifest = json!([{
+        "Config": config_name,
+        "RepoTags": ["docker.io/library/saved:1", "saved:latest"],
+        "Layers": ["aaa/layer.tar", "bbb/layer.tar"],
+    }])
+    .to_string();
+    let archive = t.path().join("saved.tar");
+    let mut b = tar::Builder::new(fs::File::create(&archive).unwrap());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add("aaa/layer.tar", &tars[0]);
+    add("bbb/layer.tar", &tars[1]);
+    add(&config_name, config.as_bytes());
+    add("manifest.json", manifest.as_bytes());
+    add("repositories", br#"{"saved":{"1":"aaa"}}"#);
+    b.into_inner().unwrap();
+
+    let loaded = store.load(&archive, None).unwrap();
+    let refs: Vec<&str> = loaded.iter().map(|i| i.reference.as_str()).collect();
+    assert_eq!(refs, ["saved:1", "saved:latest"]);
+    assert_eq!(loaded[0].digest, loaded[1].digest);
+    let img = store.resolve(&r("saved:1")).unwrap();
+    assert_eq!(fs::read_to_string(img.rootfs.join("etc/v")).unwrap(), "2");
+    assert_eq!(img.config.cmd, ["sh"]);
+    assert!(store.check().unwrap().ok);
+    // --name names the one image, whatever names the archive gives it.
+    let named = store.load(&archive, Some(&r("other:1"))).unwrap();
+    assert_eq!(named.len(), 1);
+    assert_eq!((named[0].reference.as_str(), &named[0].digest), ("other:1", &loaded[0].digest));
+}
