@@ -93,7 +93,8 @@ impl Broker {
         let d = self.dir();
         let shipped = crate::agent::repo().join("examples/mosquitto");
         std::fs::copy(shipped.join("skiff.acl"), d.join("skiff.acl")).context("shipped skiff.acl")?;
-        let mut conf = std::fs::read_to_string(shipped.join("mosquitto.conf")).context("shipped mosquitto.conf")?;
+        let mut conf =
+            std::fs::read_to_string(shipped.join("mosquitto.conf")).context("shipped mosquitto.conf")?;
         let dir = format!("{}/", d.display());
         let subs = [
             ("listener 8883\n", format!("listener {} 127.0.0.1\n", self.device_port)),

@@ -122,7 +122,10 @@ fn a_backlog_of_refused_states_stays_calm_and_the_valid_state_runs_promptly() {
     let apps = sb.dir.path().join("fleet-apps.toml");
     std::fs::write(&apps, APPS).unwrap();
     let key = keys.path().join("controller.key");
-    skiffctl(&broker, &["apply", "-f", apps.to_str().unwrap(), "--device", DEV, "--key", key.to_str().unwrap()]);
+    skiffctl(
+        &broker,
+        &["apply", "-f", apps.to_str().unwrap(), "--device", DEV, "--key", key.to_str().unwrap()],
+    );
 
     let back = Instant::now();
     sb.start_agent();

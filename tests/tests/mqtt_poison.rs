@@ -53,7 +53,10 @@ async fn whatever_the_broker_accepts_the_device_and_skiffctl_can_read() -> Resul
     // and the largest one the clients read.
     let limit: usize = broker.config_value("max_packet_size").expect("max_packet_size is set").parse()?;
     let largest_needed = HEADER_LEN + DESIRED_LIMIT + publish_overhead("skiff/v1/") + 63 + "/reported".len();
-    assert!(limit >= largest_needed, "max_packet_size {limit} refuses legitimate packets of {largest_needed}");
+    assert!(
+        limit >= largest_needed,
+        "max_packet_size {limit} refuses legitimate packets of {largest_needed}"
+    );
     assert!(limit <= PACKET_LIMIT, "max_packet_size {limit} admits packets the clients cannot read");
 
     let key = SigningKey::from_bytes(&rand::random());
@@ -93,10 +96,7 @@ async fn whatever_the_broker_accepts_the_device_and_skiffctl_can_read() -> Resul
     let all: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let pi = all.as_array().and_then(|a| a.iter().find(|d| d["device"] == "pi-1")).expect("pi-1 listed");
     let problems = pi["problems"].as_array().expect("problems");
-    assert!(
-        problems.iter().any(|p| p.as_str().is_some_and(|p| p.starts_with("desired: "))),
-        "{pi}"
-    );
+    assert!(problems.iter().any(|p| p.as_str().is_some_and(|p| p.starts_with("desired: "))), "{pi}");
     // And a near-limit event in its persistent session.
     big.client.publish(&events_topic, QoS::AtLeastOnce, false, poison).await?;
     obs.next_on("/events", S5).await?;

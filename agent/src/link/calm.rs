@@ -201,7 +201,10 @@ mod tests {
         );
         assert_eq!(class_key(r#"app "a\"b" bad"#), r#"app "…" bad"#);
         assert_eq!(class_key("unterminated \"quote"), "unterminated \"…\"");
-        assert_ne!(class_key("refused: not a skiff envelope"), class_key("refused: signature does not verify"));
+        assert_ne!(
+            class_key("refused: not a skiff envelope"),
+            class_key("refused: signature does not verify")
+        );
         assert!(class_key(&"x ".repeat(1000)).len() <= KEY_LEN + 4);
     }
 
@@ -249,7 +252,8 @@ mod tests {
     fn classes_are_bounded_and_the_rest_share_one() {
         let t0 = Instant::now();
         let mut c = Calm::new(Duration::from_secs(10));
-        let words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"];
+        let words =
+            ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"];
         let mut said = 0;
         for a in words {
             for b in words {

@@ -411,6 +411,8 @@ impl Driver {
         if !self.status.borrow().connected {
             return;
         }
+        // Acks first (what does not fit is redelivered and judged again).
+        self.flush_acks();
         let online = topic(&self.device, Channel::Online);
         let _ = self.client.try_publish(online, QoS::AtLeastOnce, true, OFFLINE);
         let _ = self.client.try_disconnect();
