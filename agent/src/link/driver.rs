@@ -18,6 +18,7 @@
 use super::backoff::Backoff;
 use super::calm::{Calm, Notice, WINDOW};
 use super::gate::{Gate, Verdict};
+use super::mailbox::{Letter, Mailbox};
 use super::outbox::Outbox;
 use super::{lock, unix_now, Incoming, LinkConfig, LinkError, LinkStatus};
 use rumqttc::{
@@ -54,7 +55,7 @@ pub(super) struct Shared {
     /// time for `calm` to say a count.
     pub calm_changed: Arc<Notify>,
     /// The newest verified state the worker has not taken yet.
-    pub mailbox: Option<Held>,
+    pub mailbox: Mailbox<Held>,
 }
 
 impl Shared {
@@ -191,7 +192,7 @@ pub(super) fn start(
         gate,
         calm: Calm::new(WINDOW),
         calm_changed: calm_changed.clone(),
-        mailbox: None,
+        mailbox: Mailbox::default(),
     }));
     let mail = Arc::new(Notify::new());
     let (status_tx, status) = watch::channel(LinkStatus::default());
@@ -334,25 +335,13 @@ impl Driver {
             Verdict::Duplicate => self.acks.push_back(p.pkid),
             Verdict::Accept(state) => {
                 let epoch = self.epoch.load(Ordering::SeqCst);
-                let keep_waiting = match &s.mailbox {
-                    // Older than the state already waiting: not needed.
-                    Some(w) if w.state.generation > state.generation => true,
-                    // The same state again (the queued and the retained
-                    // copy): keep the copy this connection can acknowledge.
-                    Some(w) if w.state.generation == state.generation => w.epoch == epoch,
-                    _ => false,
-                };
-                if keep_waiting {
-                    self.acks.push_back(p.pkid);
-                    return;
-                }
-                if let Some(old) = s.mailbox.take() {
-                    // Superseded before the worker took it.
-                    if old.epoch == epoch {
-                        self.acks.push_back(old.publish.pkid);
+                let letter =
+                    Letter { generation: state.generation, epoch, item: Held { epoch, publish: p, state } };
+                if let Some(back) = s.mailbox.offer(letter) {
+                    if back.epoch == epoch {
+                        self.acks.push_back(back.item.publish.pkid);
                     }
                 }
-                s.mailbox = Some(Held { epoch, publish: p, state });
                 drop(s);
                 self.mail.notify_one();
             }
@@ -473,8 +462,8 @@ impl Worker {
                 // A refusal from the daemon: `calm_due` may have moved.
                 _ = self.calm_changed.notified() => continue,
             }
-            let offer = lock(&self.shared).mailbox.take();
-            let Some(offer) = offer else { continue };
+            let letter = lock(&self.shared).mailbox.take();
+            let Some(Letter { item: offer, .. }) = letter else { continue };
             if self.take(offer, &mut held).await {
                 self.retry.reset();
                 if !self.hand_over(&mut held, &mut retry_at).await {
