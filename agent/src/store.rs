@@ -165,6 +165,27 @@ mod tests {
     }
 
     #[test]
+    fn a_state_that_breaks_an_invariant_is_treated_as_corrupt() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        assert_eq!(s.save(state("one"), None).unwrap(), Saved::Written(1));
+        assert_eq!(s.save(state("two"), None).unwrap(), Saved::Written(2));
+        // Well-formed and CRC-correct, but a stop grace that would overflow
+        // `Instant + grace` at the first stop (and crash the agent on every boot).
+        let mut bad = state("two");
+        bad.generation = 3;
+        bad.apps[0].stop_grace = std::time::Duration::MAX;
+        let bytes =
+            skiff_common::codec::encode(skiff_common::codec::Kind::StateFile, state_file::SCHEMA, &bad)
+                .unwrap();
+        std::fs::write(s.path(), bytes).unwrap();
+        let l = s.load().unwrap();
+        assert_eq!((l.state.generation, l.state.apps[0].image.to_string().as_str()), (1, "one"));
+        let why = l.fell_back.unwrap();
+        assert!(why.ends_with("invalid desired state: app \"a\": stop_grace: must be at most 10m"), "{why}");
+    }
+
+    #[test]
     fn controller_generation_is_kept() {
         let d = tempfile::tempdir().unwrap();
         let s = StateStore::new(d.path());

@@ -72,6 +72,8 @@ pub enum CodecError {
     Payload(String),
     #[error("cannot encode: {0}")]
     Encode(String),
+    #[error("invalid desired state: {0}")]
+    Invalid(crate::ValidationError),
 }
 
 /// Encodes `value` into an envelope of `kind` and `schema`.
@@ -162,17 +164,22 @@ pub mod state_file {
     /// Far above any real desired state; bounds what a corrupt file can cost.
     pub const LIMIT: usize = 1 << 20;
 
+    /// Refuses a state that `decode` would refuse (`DesiredState::validate`).
     pub fn encode(state: &DesiredState) -> Result<Vec<u8>, CodecError> {
+        state.validate().map_err(CodecError::Invalid)?;
         super::encode(Kind::StateFile, SCHEMA, state)
     }
 
-    /// Reads a state file of any schema from `OLDEST` to `SCHEMA`.
+    /// Reads a state file of any schema from `OLDEST` to `SCHEMA`, and
+    /// validates the state: a file that breaks an invariant is as unusable
+    /// as one that fails its CRC.
     pub fn decode(bytes: &[u8]) -> Result<DesiredState, CodecError> {
         let (schema, payload) = open(bytes, Kind::StateFile, OLDEST..=SCHEMA, LIMIT)?;
         let state = match schema {
             1 => decode_payload::<v1::DesiredState>(payload)?.into(),
             _ => decode_payload::<DesiredState>(payload)?,
         };
+        state.validate().map_err(CodecError::Invalid)?;
         Ok(state)
     }
 }

@@ -13,6 +13,7 @@ pub mod quantity;
 pub mod status;
 pub mod toml_file;
 pub mod v1;
+pub mod validate;
 
 pub use desired::{
     AppSpec, DesiredState, Mount, NetworkMode, Origin, Probe, ProbeAction, PullPolicy, Resources,
@@ -20,3 +21,4 @@ pub use desired::{
 };
 pub use name::{AppName, ImageRef, NameError};
 pub use status::{AppStatus, ExitInfo, Health, Phase, PullStatus};
+pub use validate::ValidationError;

@@ -27,6 +27,7 @@ use crate::codec::{self, CodecError, Kind, HEADER_LEN};
 use crate::desired::{DesiredState, Origin};
 use crate::name::{AppName, NameError};
 use crate::status::{AppStatus, PullStatus};
+use crate::validate::ValidationError;
 use ed25519_dalek::{Signature, Signer};
 /// The key types, so users of this module need no direct ed25519 dependency.
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -94,6 +95,8 @@ pub enum ProtocolError {
     Origin(Origin),
     #[error("key: {0}")]
     Key(String),
+    #[error("invalid desired state: {0}")]
+    Invalid(#[from] ValidationError),
     #[error("broker URL {url:?}: {reason}")]
     BrokerUrl { url: String, reason: &'static str },
 }
@@ -319,6 +322,15 @@ pub fn seal_desired_body(key: &SigningKey, body: &DesiredBody) -> Result<Vec<u8>
     if body.state.origin != Origin::Controller {
         return Err(ProtocolError::Origin(body.state.origin));
     }
+    body.state.validate()?;
+    seal_desired_unvalidated(key, body)
+}
+
+/// Signs a body without checking the state. Only for tests of the receiving
+/// side (what a buggy or compromised controller could send); `seal_desired`
+/// never signs what a device would refuse.
+#[doc(hidden)]
+pub fn seal_desired_unvalidated(key: &SigningKey, body: &DesiredBody) -> Result<Vec<u8>, ProtocolError> {
     let body = postcard::to_allocvec(body).map_err(|e| CodecError::Encode(e.to_string()))?;
     let signature = key.sign(&signed_message(DESIRED_SCHEMA, &body)).to_bytes().to_vec();
     let signed = SignedDesired { key_id: KeyId::of(&key.verifying_key()), body, signature };
@@ -326,8 +338,9 @@ pub fn seal_desired_body(key: &SigningKey, body: &DesiredBody) -> Result<Vec<u8>
 }
 
 /// Checks a `desired` payload: envelope and size, key id, signature over the
-/// exact body bytes, the device it is addressed to, the origin. Returns the
-/// state only when all of them hold.
+/// exact body bytes, the device it is addressed to, the origin, and the state
+/// itself (`DesiredState::validate`). Returns the state only when all of them
+/// hold.
 pub fn open_desired(
     bytes: &[u8],
     device: &DeviceId,
@@ -366,6 +379,7 @@ pub fn open_desired_body(
     if body.state.origin != Origin::Controller {
         return Err(ProtocolError::Origin(body.state.origin));
     }
+    body.state.validate()?;
     Ok(body)
 }
 

@@ -62,7 +62,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skiff_common::protocol::{seal_desired, SigningKey};
+    use skiff_common::protocol::{seal_desired, seal_desired_unvalidated, DesiredBody, SigningKey};
     use skiff_common::Origin;
 
     fn setup() -> (SigningKey, DeviceId, Gate) {
@@ -89,6 +89,22 @@ mod tests {
         g.raise(2);
         assert_eq!(g.highest(), 6);
         assert_eq!(g.check(&p(6)), Verdict::Duplicate);
+    }
+
+    #[test]
+    fn a_signed_state_that_breaks_an_invariant_is_refused_naming_app_and_field() {
+        let (k, d, g) = setup();
+        let mut s = skiff_common::toml_file::parse("[[app]]\nname = \"web\"\nimage = \"busybox\"\n").unwrap();
+        s.generation = 6;
+        s.origin = Origin::Controller;
+        s.apps[0].stop_grace = std::time::Duration::MAX;
+        // Signed as a buggy or compromised controller would: seal_desired itself refuses it.
+        assert!(seal_desired(&k, &d, &s).is_err());
+        let body = DesiredBody { device: d.clone(), state: s, replaces: None };
+        let payload = seal_desired_unvalidated(&k, &body).unwrap();
+        let Verdict::Reject(r) = g.check(&payload) else { panic!() };
+        assert_eq!(r.generation, Some(6));
+        assert_eq!(r.reason, "refused: invalid desired state: app \"web\": stop_grace: must be at most 10m");
     }
 
     #[test]

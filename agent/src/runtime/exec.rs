@@ -31,7 +31,10 @@ pub fn main(root: &Path, id: &str, timeout: Duration, args: Vec<String>) -> i32 
             return CANNOT_RUN;
         }
     };
-    let deadline = std::time::Instant::now() + timeout;
+    // A timeout too large for the clock (validation bounds it) waits a year.
+    let now = std::time::Instant::now();
+    let deadline =
+        now.checked_add(timeout).or_else(|| now.checked_add(Duration::from_secs(365 * 86400))).unwrap_or(now);
     loop {
         match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, code)) => return code,
