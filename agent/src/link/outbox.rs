@@ -278,6 +278,7 @@ mod tests {
 
     fn reported(gen: u64) -> Reported {
         Reported {
+            pulls: Vec::new(),
             device: DeviceId::try_from("pi").unwrap(),
             generation_applied: gen,
             origin: Origin::Controller,
@@ -285,7 +286,6 @@ mod tests {
             agent_version: "t".into(),
             last_rejection: None,
             sent_unix: 0,
-            pulls: Vec::new(),
         }
     }
 
