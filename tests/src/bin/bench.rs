@@ -16,7 +16,11 @@
 //! - board: on the emulated aarch64 board (QEMU), boot -> all apps running
 //!   and the agent's memory with 5 apps (see `skiff_tests::board`).
 //!
-//! Sections can be picked: `bench start memory mqtt size reconcile board`.
+//! - registry: a 24 MiB 4-layer pull from a loopback docker-registry against
+//!   `skopeo copy` of the same image, and resume efficiency with a cut every 1 MiB
+//!   (see `bench_registry`).
+//!
+//! Sections can be picked: `bench start memory mqtt size reconcile board registry`.
 
 use serde_json::Value;
 use skiff_tests::agent::{repo, wait_for, Sandbox};
@@ -60,6 +64,9 @@ fn main() {
     }
     if run("board") {
         board();
+    }
+    if run("registry") {
+        skiff_tests::bench_registry::run();
     }
 }
 
