@@ -19,7 +19,11 @@
 //! - storm: a desired state of 1,000 apps: time from `skiff apply` to all
 //!   running, and `skiff ps` latency while they start (median, p95, max).
 //!
-//! Sections can be picked: `bench start memory mqtt size reconcile board storm`.
+//! - registry: a 24 MiB 4-layer pull from a loopback docker-registry against
+//!   `skopeo copy` of the same image, and resume efficiency with a cut every 1 MiB
+//!   (see `bench_registry`).
+//!
+//! Sections can be picked: `bench start memory mqtt size reconcile board storm registry`.
 
 use serde_json::Value;
 use skiff_tests::agent::{repo, wait_for, Sandbox};
@@ -66,6 +70,9 @@ fn main() {
     }
     if run("storm") {
         storm(1000);
+    }
+    if run("registry") {
+        skiff_tests::bench_registry::run();
     }
 }
 
