@@ -127,7 +127,14 @@ pub async fn pull(
         let partial = store.partial_path(&desc.digest)?;
         let base = finished;
         let cb = move |n: u64| progress(PullProgress { done: base.saturating_add(n), total });
-        client.fetch_blob(r, desc, &partial, &cb).await?;
+        match client.fetch_blob(r, desc, &partial, &cb).await {
+            Ok(()) => {}
+            // The download keeps what it wrote (it resumes once there is room again).
+            Err(skiff_registry::Error::Io { path, source }) if super::is_no_space(&source) => {
+                return Err(ImageError::NoSpace { path }.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
         finished = finished.saturating_add(desc.size);
     }
 
