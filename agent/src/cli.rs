@@ -314,6 +314,7 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
         backoff: BackoffConfig { base: a.backoff_base, max: a.backoff_max, reset_after: a.backoff_reset },
         log_cap: a.log_max_size,
         link: a.mqtt.link_config()?,
+        images: None,
     };
     // For the daemon's pulls: `ImageStore::open(..).with_budget(pull.budget)`, `pull.client()`.
     let pull = a.pull.config();
@@ -431,6 +432,15 @@ fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
             a.image,
             a.error.as_ref().map(|e| format!("  error: {e}")).unwrap_or_default(),
         );
+    }
+    for p in &reply.pulls {
+        let total =
+            if p.total > 0 { format!("{:.1}M", p.total as f64 / (1 << 20) as f64) } else { "?".into() };
+        let state = match &p.error {
+            Some(e) => format!("failed, retrying: {e}"),
+            None => "pulling".into(),
+        };
+        println!("pull {}: {:.1}M of {total}, {state}", p.image, p.done as f64 / (1 << 20) as f64);
     }
     Ok(())
 }
