@@ -14,17 +14,7 @@ use super::{ImageError, ImageInfo, ImageStore};
 use skiff_common::ImageRef;
 use skiff_registry::{Client, Descriptor, Platform};
 
-/// When to pull (the same as `skiff_common::PullPolicy` of the desired state).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum PullPolicy {
-    /// Pull when the store does not hold the reference.
-    #[default]
-    IfNotPresent,
-    /// Resolve the reference again and pull what changed.
-    Always,
-    /// Never pull: the image must have been loaded.
-    Never,
-}
+pub use skiff_common::PullPolicy;
 
 /// Progress of one pull: bytes of the blobs it downloads (those the store already holds
 /// are not counted), on disk so far and in total. `done` includes bytes a previous,
