@@ -663,6 +663,17 @@ fn gc_keeps_named_images_and_shared_blobs_and_frees_the_rest() {
 }
 
 #[test]
+fn abandoned_partial_downloads_can_be_dropped() {
+    let (_t, store, _l) = setup("img");
+    let (a, b) = (format!("sha256:{}", "4".repeat(64)), format!("sha256:{}", "5".repeat(64)));
+    fs::write(store.partial_path(&a).unwrap(), vec![0u8; 100]).unwrap();
+    fs::write(store.partial_path(&b).unwrap(), vec![0u8; 30]).unwrap();
+    assert_eq!(store.drop_partials(&[b.as_str()]).unwrap(), 100);
+    assert!(!store.partial_path(&a).unwrap().exists() && store.partial_path(&b).unwrap().exists());
+    assert_eq!(store.disk_usage().unwrap().partial, 30);
+}
+
+#[test]
 fn budget_counts_partial_downloads() {
     let (_t, store, _l) = setup("img");
     let store = store.with_budget(Some(1000));
