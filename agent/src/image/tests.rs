@@ -831,3 +831,23 @@ fn pull_future_is_send(store: &ImageStore, client: &skiff_registry::Client, r: &
     fn send<T: Send>(_: T) {}
     send(pull(store, client, r, PullPolicy::Always, &|_| {}));
 }
+
+/// `docker save` from Docker 25 on: an OCI layout with manifest.json beside it, named by
+/// the containerd annotation (full Docker Hub form, stored in the familiar one).
+#[test]
+fn docker_25_save_archives_load_as_oci_layouts() {
+    let (_t, store, l) = setup("d25");
+    let mut m = l.image(&host(), &[&[E::File("f", "x")]]);
+    m["annotations"] = json!({
+        oci::ANN_CONTAINERD_NAME: "docker.io/library/new:2",
+        ANN_REF_NAME: "2",
+    });
+    fs::write(
+        l.dir.join("manifest.json"),
+        r#"[{"Config":"blobs/sha256/00","RepoTags":["new:2"],"Layers":[]}]"#,
+    )
+    .unwrap();
+    let loaded = store.load(l.finish(vec![m]), None).unwrap();
+    assert_eq!(loaded[0].reference, "new:2");
+    assert!(store.resolve(&r("docker.io/library/new:2")).is_ok());
+}
