@@ -19,7 +19,9 @@ use crate::paths::Paths;
 use crate::reconciler::{Action, BackoffConfig, Event, Note, Reconciler};
 use crate::runtime::{FoundState, Runtime};
 use crate::store::StateStore;
-pub use ports::{BoxFut, Containers, Images, LocalImages, Progress, RealContainers, Running, States};
+pub use ports::{
+    BoxFut, Containers, Images, LocalImages, Progress, RealContainers, RegistryImages, Running, States,
+};
 use skiff_common::protocol::{EventKind, Reported};
 use skiff_common::{AppName, AppStatus, DesiredState, ImageRef, Origin, PullStatus};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -444,12 +446,16 @@ impl Executor {
     fn pull(&self, image: ImageRef) {
         let key = image.to_string();
         let table = self.pulls.clone();
-        set_pull(&table, &key, |p| p.error = None);
+        // A failure stays shown while the next attempt has moved no byte.
+        set_pull(&table, &key, |_| {});
         let progress: Progress = {
             let (table, key, tx) = (table.clone(), key.clone(), self.tx.clone());
             let last = Arc::new(Mutex::new(None::<Instant>));
             Arc::new(move |done, total| {
                 set_pull(&table, &key, |p| {
+                    if done > p.done {
+                        p.error = None;
+                    }
                     p.done = done;
                     p.total = total;
                 });
