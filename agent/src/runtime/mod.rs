@@ -106,7 +106,10 @@ impl Runtime {
             let _ = crate::image::unmount_rootfs(&dir.join("rootfs"));
             std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        // Private whatever the umask: shim.json holds the app's environment.
+        for d in [self.paths.apps(), self.paths.apps().join(spec.name.as_str()), dir.clone()] {
+            crate::fsutil::private_dir(&d).map_err(io_err(&d))?;
+        }
         for m in &spec.mounts {
             // Volumes are created on first use, like Docker's named volumes.
             if !Path::new(&m.source).exists()
@@ -335,8 +338,10 @@ impl Runtime {
             keep(remove_all(dir));
         }
         keep(remove_all(&app_dir));
-        for log in [logs::current(&self.paths.log_dir, app.as_str()), logs::rotated(&self.paths.log_dir, app.as_str())]
-        {
+        for log in [
+            logs::current(&self.paths.log_dir, app.as_str()),
+            logs::rotated(&self.paths.log_dir, app.as_str()),
+        ] {
             match std::fs::remove_file(&log) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     keep(Err(RuntimeError::Io { path: log.clone(), source: e }))
