@@ -40,7 +40,12 @@ fn remove_app_files_leaves_nothing_of_a_removed_app() {
     wait_for(Duration::from_secs(10), "output", || {
         (sb.logs("gone").contains("hi") && sb.logs("kept").contains("here")).then_some(())
     });
-    let paths = Paths::new(Some(sb.state_dir()), Some(sb.run_dir()), Some(sb.log_dir()), Some(sb.cgroup_root.clone()));
+    let paths = Paths::new(
+        Some(sb.state_dir()),
+        Some(sb.run_dir()),
+        Some(sb.log_dir()),
+        Some(sb.cgroup_root.clone()),
+    );
     let images = Arc::new(ImageStore::open(&paths.images()).unwrap());
     let rt = Runtime::new(paths.clone(), images, 1 << 20).unwrap();
     let gone = AppName::try_from("gone").unwrap();
@@ -52,7 +57,8 @@ fn remove_app_files_leaves_nothing_of_a_removed_app() {
     wait_for(Duration::from_secs(20), "gone to be removed", || sb.app("gone").is_null().then_some(()));
     // The agent forgot its last instance: the app's run directory went with it.
     assert!(
-        wait_for(Duration::from_secs(5), "apps/gone to go", || (!paths.apps().join("gone").exists()).then_some(true)),
+        wait_for(Duration::from_secs(5), "apps/gone to go", || (!paths.apps().join("gone").exists())
+            .then_some(true)),
         "apps/gone remains"
     );
     // A leftover of an instance an earlier agent lost track of, and an old rotated log.
@@ -62,10 +68,11 @@ fn remove_app_files_leaves_nothing_of_a_removed_app() {
     std::fs::write(sb.log_dir().join("gone.log.1"), "old\n").unwrap();
 
     rt.remove_app_files(&gone).unwrap();
-    let left: Vec<PathBuf> = [paths.apps().join("gone"), sb.log_dir().join("gone.log"), sb.log_dir().join("gone.log.1")]
-        .into_iter()
-        .filter(|p| p.exists())
-        .collect();
+    let left: Vec<PathBuf> =
+        [paths.apps().join("gone"), sb.log_dir().join("gone.log"), sb.log_dir().join("gone.log.1")]
+            .into_iter()
+            .filter(|p| p.exists())
+            .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     // Nothing of the other app went.
     assert!(sb.logs("kept").contains("here"));

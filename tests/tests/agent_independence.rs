@@ -74,7 +74,9 @@ fn agent_killed_while_a_shim_starts_leaves_the_container_to_its_shim() {
         assert!(alive(shim as i64), "the shim died\nagent log:\n{}", sb.agent_log());
         assert!(!sb.agent_log().contains("lost its shim"), "{}", sb.agent_log());
         // The shim still does its job: it logs the output and records the exit.
-        wait_for(Duration::from_secs(10), "the app's output", || sb.logs("born").contains("hello").then_some(()));
+        wait_for(Duration::from_secs(10), "the app's output", || {
+            sb.logs("born").contains("hello").then_some(())
+        });
         kill(Pid::from_raw(a["pid"].as_i64().unwrap() as i32), Signal::SIGKILL).unwrap();
         let b = sb.wait_app("born", Duration::from_secs(20), "restarted", |a| {
             a["restarts"] == 1 && a["phase"] == "running"
@@ -129,12 +131,16 @@ command = ["sh", "-c", "echo begin; sleep 1; dd if=/dev/zero of=/fill bs=64k 2>/
     let logs = sb.logs("filler");
     assert!(logs.starts_with("begin\n"), "{logs}");
     assert!(logs.ends_with("]\nafter\n"), "output after space came back is missing: {logs}");
-    let note = logs.lines().find(|l| l.starts_with("[skiff: ")).unwrap_or_else(|| panic!("no drop note: {logs}"));
+    let note =
+        logs.lines().find(|l| l.starts_with("[skiff: ")).unwrap_or_else(|| panic!("no drop note: {logs}"));
     let dropped: u64 = note
         .strip_prefix("[skiff: ")
         .and_then(|r| r.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{note}"));
-    assert!(dropped > 0 && note.ends_with(" bytes of output dropped: the log could not be written]"), "{note}");
+    assert!(
+        dropped > 0 && note.ends_with(" bytes of output dropped: the log could not be written]"),
+        "{note}"
+    );
     assert!(!sb.agent_log().contains("shim ended without recording an exit"), "{}", sb.agent_log());
 }
