@@ -11,9 +11,10 @@ use crate::runtime::logs;
 use crate::store::{Saved, StateStore};
 use clap::{Args, Parser, Subcommand};
 use skiff_common::quantity::{parse_bytes, parse_duration};
-use skiff_common::{toml_file, AppStatus, Health, Phase};
+use skiff_common::{toml_file, AppStatus, Health, Phase, PullPolicy};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const EXIT_ERROR: i32 = 1;
@@ -64,10 +65,13 @@ enum Cmd {
     /// Run the agent: keep the desired state running (the daemon).
     Agent(AgentArgs),
     /// Set the desired state from a file; the running agent applies it within a second.
+    /// Images it needs are pulled first (per app `pull` policy); nothing is written if one cannot be had.
     Apply {
         /// The desired-state file (TOML).
         #[arg(short, long)]
         file: PathBuf,
+        #[command(flatten)]
+        pull: PullArgs,
     },
     /// Check a desired-state file without applying it.
     Validate {
@@ -130,6 +134,53 @@ enum ImageCmd {
     },
     /// Remove an image (its files go when no other tag uses them).
     Rm { reference: String },
+    /// Pull an image from its registry (resumes an interrupted pull); multi-arch picks this host's platform.
+    Pull {
+        /// NAME[:TAG] or NAME@sha256:...; `busybox` is docker.io/library/busybox:latest.
+        reference: String,
+        /// Allow plain HTTP to this image's registry.
+        #[arg(long)]
+        insecure: bool,
+        #[command(flatten)]
+        pull: PullArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify the store: refs.json, every image's blobs (hashed) and rootfs.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How images are pulled (the agent and `skiff image pull`).
+#[derive(Args)]
+struct PullArgs {
+    /// Registry settings and credentials (TOML, root-only when it holds secrets).
+    #[arg(long, env = "SKIFF_REGISTRIES", default_value = "/etc/skiff/registries.toml")]
+    registries: PathBuf,
+    /// Cap on the download rate of pulls, e.g. 256KiB/s [default: no cap].
+    #[arg(long, env = "SKIFF_PULL_RATE", value_parser = image::parse_rate)]
+    pull_rate: Option<u64>,
+    /// Disk the image store may take, partial downloads included, e.g. 2Gi [default: no limit].
+    #[arg(long, env = "SKIFF_IMAGE_BUDGET", value_parser = parse_bytes)]
+    image_budget: Option<u64>,
+    /// How long a pull retries an unreachable registry before it is reported failed
+    /// (the agent then tries again later, resuming) [default: 30s for the agent, 10m for commands].
+    #[arg(long, env = "SKIFF_PULL_RETRY", value_parser = parse_duration)]
+    pull_retry: Option<Duration>,
+}
+
+impl PullArgs {
+    fn config(&self) -> image::PullConfig {
+        image::PullConfig {
+            registries: self.registries.clone(),
+            rate: self.pull_rate,
+            budget: self.image_budget,
+            insecure: Vec::new(),
+            retry_budget: self.pull_retry,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -148,6 +199,8 @@ struct AgentArgs {
     backoff_reset: Duration,
     #[command(flatten)]
     mqtt: MqttArgs,
+    #[command(flatten)]
+    pull: PullArgs,
 }
 
 /// The link to the controller. Without `--mqtt-broker` the agent runs on its
@@ -219,7 +272,7 @@ pub fn main() -> i32 {
     }
     let result = match cli.cmd {
         Cmd::Agent(a) => agent(paths, a),
-        Cmd::Apply { file } => apply(&paths, &file),
+        Cmd::Apply { file, pull } => apply(&paths, &file, &pull),
         Cmd::Validate { file } => validate(&file).map(|_| println!("{}: ok", file.display())),
         Cmd::Ps { json } => ps(&paths, json),
         Cmd::Logs { app, tail, follow } => logs_cmd(&paths, &app, tail, follow),
@@ -254,6 +307,9 @@ fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
+/// How long one pull of the agent retries without progress before it is reported.
+const AGENT_PULL_RETRY: Duration = Duration::from_secs(30);
+
 fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -270,6 +326,15 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
         backoff: BackoffConfig { base: a.backoff_base, max: a.backoff_max, reset_after: a.backoff_reset },
         log_cap: a.log_max_size,
         link: a.mqtt.link_config()?,
+        images: None,
+    };
+    let mut pull = a.pull.config();
+    pull.retry_budget.get_or_insert(AGENT_PULL_RETRY);
+    let client = pull.client().map_err(|e| Invalid(format!("--registries: {e}")))?;
+    let store = ImageStore::open(&cfg.paths.images())?.with_budget(pull.budget);
+    let cfg = crate::daemon::AgentConfig {
+        images: Some(Arc::new(crate::daemon::RegistryImages { store, client: Arc::new(client) })),
+        ..cfg
     };
     rt()?.block_on(crate::daemon::run(cfg, shutdown_signal()))
 }
@@ -294,26 +359,37 @@ fn validate(file: &Path) -> anyhow::Result<skiff_common::DesiredState> {
     })
 }
 
-fn apply(paths: &Paths, file: &Path) -> anyhow::Result<()> {
+fn apply(paths: &Paths, file: &Path, pull: &PullArgs) -> anyhow::Result<()> {
     let state = validate(file)?;
     // An app whose image is not here would be stopped and never come back:
-    // refuse the state instead, before anything is written.
-    let store = ImageStore::open(&paths.images())?;
-    let missing: Vec<String> = state
-        .apps
-        .iter()
-        .filter(|a| store.resolve(&a.image).is_err())
-        .map(|a| {
-            format!(
-                "{}: app {:?}: image {} is not in the image store (load it with `skiff image load` first)",
+    // pull what is missing (and what `always` asks for), or refuse the state,
+    // before anything is written.
+    let cfg = pull.config();
+    let store = ImageStore::open(&paths.images())?.with_budget(cfg.budget);
+    let mut missing = Vec::new();
+    let mut to_pull: Vec<&skiff_common::ImageRef> = Vec::new();
+    for a in &state.apps {
+        let here = store.contains(&a.image);
+        match a.pull {
+            PullPolicy::Never if !here => missing.push(format!(
+                "{}: app {:?}: image {} is not in the image store and its pull policy is never (load it with `skiff image load` first)",
                 file.display(),
                 a.name.as_str(),
                 a.image
-            )
-        })
-        .collect();
+            )),
+            PullPolicy::Always => to_pull.push(&a.image),
+            PullPolicy::IfNotPresent if !here => to_pull.push(&a.image),
+            _ => {}
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    to_pull.retain(|i| seen.insert(i.to_string()));
     if !missing.is_empty() {
         return Err(Invalid(missing.join("\n")).into());
+    }
+    for image in to_pull {
+        image::cli_pull(&store, &cfg, &image.to_string(), false, false)
+            .map_err(|e| anyhow::anyhow!("{}: image {image}: {e:#}; nothing was applied", file.display()))?;
     }
     let store = StateStore::new(&paths.state_dir);
     let saved = store.save(state, None)?;
@@ -385,6 +461,15 @@ fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
             a.error.as_ref().map(|e| format!("  error: {e}")).unwrap_or_default(),
         );
     }
+    for p in &reply.pulls {
+        let total =
+            if p.total > 0 { format!("{:.1}M", p.total as f64 / (1 << 20) as f64) } else { "?".into() };
+        let state = match &p.error {
+            Some(e) => format!("failed, retrying: {e}"),
+            None => "pulling".into(),
+        };
+        println!("pull {}: {:.1}M of {total}, {state}", p.image, p.done as f64 / (1 << 20) as f64);
+    }
     Ok(())
 }
 
@@ -449,6 +534,12 @@ fn image_cmd(paths: &Paths, c: ImageCmd) -> anyhow::Result<()> {
     match c {
         ImageCmd::Load { path, name, json } => image::cli_load(&store, &path, name.as_deref(), json),
         ImageCmd::Ls { json } => image::cli_ls(&store, json),
+        ImageCmd::Pull { reference, insecure, pull, json } => {
+            let cfg = pull.config();
+            let store = store.with_budget(cfg.budget);
+            image::cli_pull(&store, &cfg, &reference, insecure, json)
+        }
+        ImageCmd::Check { json } => image::cli_check(&store, json),
         ImageCmd::Rm { reference } => {
             let r =
                 skiff_common::ImageRef::try_from(reference.as_str()).map_err(|e| Invalid(e.to_string()))?;

@@ -13,6 +13,7 @@ mod events;
 mod fleet;
 mod keys;
 mod mqtt;
+mod resolve;
 mod show;
 mod status;
 

@@ -7,7 +7,7 @@ use rumqttc::QoS;
 use skiff_common::codec::{self, Kind};
 use skiff_common::protocol::{
     decode_event, decode_reported, seal_desired, topic, Channel, DeviceId, EventKind, KeyId, Reported,
-    SignedDesired, SigningKey, DESIRED_LIMIT,
+    SignedDesired, SigningKey, DESIRED_LIMIT, DESIRED_SCHEMA,
 };
 use skiff_common::Origin;
 use skiff_tests::mqtt::link::{self, Incoming};
@@ -102,15 +102,15 @@ async fn refused_states_are_acknowledged_reported_and_never_applied() -> Result<
     let mut tampered: SignedDesired = codec::decode(
         &seal_desired(&key, &dev, &controller_state(21))?,
         Kind::SignedDesired,
-        1,
+        DESIRED_SCHEMA,
         DESIRED_LIMIT,
     )?;
     let last = tampered.body.len() - 1;
     tampered.body[last] ^= 1;
-    let tampered = codec::encode(Kind::SignedDesired, 1, &tampered)?;
+    let tampered = codec::encode(Kind::SignedDesired, DESIRED_SCHEMA, &tampered)?;
     let oversized = codec::encode(
         Kind::SignedDesired,
-        1,
+        DESIRED_SCHEMA,
         &SignedDesired {
             key_id: KeyId::of(&key.verifying_key()),
             body: vec![0; DESIRED_LIMIT + 1000],
@@ -171,6 +171,7 @@ async fn refused_states_are_acknowledged_reported_and_never_applied() -> Result<
         agent_version: "test".into(),
         last_rejection: None,
         sent_unix: 0,
+        pulls: Vec::new(),
     });
     let reported = decode_reported(&obs.next_on("/reported", S5).await?.payload)?;
     assert_eq!(reported.generation_applied, 5);
