@@ -38,8 +38,12 @@ impl FakeContainers {
 
 impl Containers for FakeContainers {
     fn scan(&self) -> Vec<crate::runtime::Found> {
-        let started =
-            crate::runtime::instance::Started { init_pid: 7, shim_pid: 6, shim_start_ticks: 1, started_boot_ms: 0 };
+        let started = crate::runtime::instance::Started {
+            init_pid: 7,
+            shim_pid: 6,
+            shim_start_ticks: 1,
+            started_boot_ms: 0,
+        };
         self.left
             .lock()
             .unwrap()
@@ -80,9 +84,12 @@ impl Containers for FakeContainers {
 
     fn watch(&self, app: AppName, instance: u64, _: crate::runtime::instance::Started) -> BoxFut<ExitInfo> {
         let (tx, rx) = oneshot::channel();
-        let image = self.left.lock().unwrap().iter().find(|(s, _)| s.name == app).map(|(s, _)| s.image.to_string());
+        let image =
+            self.left.lock().unwrap().iter().find(|(s, _)| s.name == app).map(|(s, _)| s.image.to_string());
         self.rec().running.insert((app, instance), (image.unwrap_or_default(), tx));
-        Box::pin(async move { rx.await.unwrap_or(ExitInfo { code: None, signal: Some(9), oom_killed: false }) })
+        Box::pin(
+            async move { rx.await.unwrap_or(ExitInfo { code: None, signal: Some(9), oom_killed: false }) },
+        )
     }
 
     fn stop(&self, app: AppName, instance: u64, _: Duration) -> BoxFut<()> {
@@ -393,7 +400,8 @@ async fn a_removed_app_is_stopped_and_its_files_removed() {
 #[tokio::test]
 async fn an_unreadable_state_at_start_keeps_what_runs_until_a_new_state_comes() {
     let left = state(3, Origin::Local, &[("web", "web:1")]).apps.remove(0);
-    let h = Harness::start_with(Err("desired.skf: CRC mismatch".into()), vec![(left, 4)], &["web:1", "web:2"]);
+    let h =
+        Harness::start_with(Err("desired.skf: CRC mismatch".into()), vec![(left, 4)], &["web:1", "web:2"]);
     let mut ps = h.ps().await;
     for _ in 0..500 {
         if !ps.apps.is_empty() {
