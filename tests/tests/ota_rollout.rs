@@ -6,7 +6,7 @@
 use serde_json::Value;
 use skiff_tests::agent::{wait_for, Sandbox};
 use skiff_tests::fleet::Fleet;
-use skiff_tests::registry::{busybox_layout, random_bytes, write_layout, Registry};
+use skiff_tests::registry::{busybox_layout, random_bytes, write_layout, Proxy, Registry};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -103,7 +103,9 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
     registry.push(&work.path().join("v1"), "v1", "app:v1", &[]).unwrap();
     registry.push(&work.path().join("v2"), "v2", "app:v2", &[]).unwrap();
     eprintln!("registry with v1 and v2 after {:?}", start.elapsed());
-    let host = registry.host();
+    // The device reaches the registry through a proxy that counts blob bytes.
+    let proxy = Proxy::start(registry.port).unwrap();
+    let host = proxy.host();
     let regs = registries_file(work.path(), &host);
 
     let fleet = Fleet::new(DEV);
@@ -125,6 +127,8 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
 
     // v2: 1.5 MiB of new layer at 256 KiB/s. While it comes, v1 keeps running
     // (same pid) and the pull's progress is visible.
+    let v2_layer = 1536u64 << 10;
+    let served_before = proxy.blob_bytes();
     let out = fleet.apply(work.path(), &app_toml(&format!("{host}/app:v2")), &["--registries", &regs]);
     assert!(out.status.success(), "apply v2: {}", String::from_utf8_lossy(&out.stderr));
     let during = wait_for(Duration::from_secs(30), "pull progress in ps", || {
@@ -132,17 +136,32 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
         let pulls = ps["pulls"].as_array().cloned().unwrap_or_default();
         pulls
             .iter()
-            .any(|p| p["done"].as_u64() > Some(0) && p["total"].as_u64() > p["done"].as_u64())
+            .any(|p| p["done"].as_u64() > Some(256 << 10) && p["total"].as_u64() > p["done"].as_u64())
             .then_some(ps)
     });
     let w = during["apps"].as_array().unwrap().iter().find(|a| a["name"] == "web").unwrap().clone();
     assert_eq!((w["phase"].as_str(), w["pid"].as_i64()), (Some("running"), Some(old_pid)), "{during}");
     assert_eq!(during["pulls"][0]["image"], format!("{host}/app@{v2}"));
+    // The agent dies mid-pull (SIGKILL); the next one adopts v1 and resumes the
+    // layer from the bytes on disk.
+    let done_at_kill = during["pulls"][0]["done"].as_u64().unwrap();
+    sb.kill_agent();
+    sb.start_agent();
+    assert_eq!(web(&sb)["pid"].as_i64(), Some(old_pid), "v1 adopted, not restarted");
     let second = sb.wait_app("web", Duration::from_secs(60), "running v2", |a| {
         a["phase"] == "running" && a["image"] == format!("{host}/app@{v2}").as_str()
     });
     assert_ne!(second["pid"].as_i64(), Some(old_pid));
     assert!(sb.logs("web").contains("two"));
+    // Bytes that reached the disk before the kill were not fetched again (what
+    // was in flight in socket buffers may have been): at most the layer plus what
+    // was missing at the kill, plus the config and some slack.
+    let served = proxy.blob_bytes() - served_before;
+    let bound = v2_layer + (v2_layer - done_at_kill) + (64 << 10);
+    assert!(
+        served <= bound,
+        "served {served} bytes for v2, {done_at_kill} were on disk at the kill; bound {bound}"
+    );
     eprintln!("v2 running after {:?}", t0.elapsed());
     // The shared busybox layer came once: v2 downloaded its own layer only.
     assert!(sb.ps()["pulls"].as_array().is_none_or(|p| p.is_empty()));
