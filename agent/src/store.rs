@@ -12,6 +12,7 @@
 use crate::fsutil::{atomic_write, sync_dir};
 use nix::fcntl::{Flock, FlockArg};
 use skiff_common::codec::{state_file, CodecError};
+use skiff_common::validate::MAX_GENERATION;
 use skiff_common::DesiredState;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -23,6 +24,10 @@ pub enum StoreError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: {source}")]
     Corrupt { path: PathBuf, source: CodecError },
+    #[error(
+        "{path}: generation {generation} is the highest allowed, so a local apply cannot follow it; `skiffctl apply --reset` takes the device back, or remove the file to start over"
+    )]
+    GenerationsExhausted { path: PathBuf, generation: u64 },
 }
 
 pub struct StateStore {
@@ -116,8 +121,15 @@ impl StateStore {
                 return Ok(Saved::Unchanged(cur.generation));
             }
         }
-        next.generation =
-            generation.unwrap_or_else(|| current.as_ref().map(|c| c.generation).unwrap_or(0) + 1);
+        let stored = current.as_ref().map(|c| c.generation).unwrap_or(0);
+        next.generation = match generation {
+            Some(g) => g,
+            // Checked: a stored generation at the bound must not wrap to 0.
+            None => stored
+                .checked_add(1)
+                .filter(|g| *g <= MAX_GENERATION)
+                .ok_or(StoreError::GenerationsExhausted { path: self.path(), generation: stored })?,
+        };
         let bytes =
             state_file::encode(&next).map_err(|source| StoreError::Corrupt { path: self.path(), source })?;
         if self.path().exists() {
@@ -162,6 +174,41 @@ mod tests {
         let l = s.load().unwrap();
         assert_eq!(l.state.generation, 1);
         assert!(l.fell_back.unwrap().contains("CRC"));
+    }
+
+    #[test]
+    fn a_state_that_breaks_an_invariant_is_treated_as_corrupt() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        assert_eq!(s.save(state("one"), None).unwrap(), Saved::Written(1));
+        assert_eq!(s.save(state("two"), None).unwrap(), Saved::Written(2));
+        // Well-formed and CRC-correct, but a stop grace that would overflow
+        // `Instant + grace` at the first stop (and crash the agent on every boot).
+        let mut bad = state("two");
+        bad.generation = 3;
+        bad.apps[0].stop_grace = std::time::Duration::MAX;
+        let bytes =
+            skiff_common::codec::encode(skiff_common::codec::Kind::StateFile, state_file::SCHEMA, &bad)
+                .unwrap();
+        std::fs::write(s.path(), bytes).unwrap();
+        let l = s.load().unwrap();
+        assert_eq!((l.state.generation, l.state.apps[0].image.to_string().as_str()), (1, "one"));
+        let why = l.fell_back.unwrap();
+        assert!(why.ends_with("invalid desired state: app \"a\": stop_grace: must be at most 10m"), "{why}");
+    }
+
+    #[test]
+    fn a_local_apply_at_the_highest_generation_is_refused_not_wrapped() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        assert_eq!(s.save(state("one"), Some(MAX_GENERATION)).unwrap(), Saved::Written(MAX_GENERATION));
+        let before = std::fs::read(s.path()).unwrap();
+        let e = s.save(state("two"), None).unwrap_err();
+        assert!(matches!(e, StoreError::GenerationsExhausted { generation: MAX_GENERATION, .. }), "{e}");
+        assert_eq!(std::fs::read(s.path()).unwrap(), before);
+        // Beyond the bound, not even the controller's number is written.
+        assert!(matches!(s.save(state("two"), Some(MAX_GENERATION + 1)), Err(StoreError::Corrupt { .. })));
+        assert_eq!(s.load().unwrap().state.generation, MAX_GENERATION);
     }
 
     #[test]

@@ -99,18 +99,15 @@ async fn refused_states_are_acknowledged_reported_and_never_applied() -> Result<
 
     let forged = seal_desired(&SigningKey::from_bytes(&rand::random()), &dev, &controller_state(20))?;
     // The right key id, but a signature over something else.
-    let mut tampered: SignedDesired = codec::decode(
-        &seal_desired(&key, &dev, &controller_state(21))?,
-        Kind::SignedDesired,
-        DESIRED_SCHEMA,
-        DESIRED_LIMIT,
-    )?;
+    let sealed = seal_desired(&key, &dev, &controller_state(21))?;
+    let mut tampered: SignedDesired =
+        codec::decode(&sealed, Kind::SignedDesired, DESIRED_SCHEMA, DESIRED_LIMIT)?;
     let last = tampered.body.len() - 1;
     tampered.body[last] ^= 1;
     let tampered = codec::encode(Kind::SignedDesired, DESIRED_SCHEMA, &tampered)?;
     let oversized = codec::encode(
         Kind::SignedDesired,
-        DESIRED_SCHEMA,
+        1,
         &SignedDesired {
             key_id: KeyId::of(&key.verifying_key()),
             body: vec![0; DESIRED_LIMIT + 1000],

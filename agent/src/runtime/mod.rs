@@ -210,7 +210,7 @@ impl Runtime {
         let root = self.paths.containers().join(Paths::container_id(app, instance));
         let dir = self.paths.instance(app, instance);
         signal(&root, LcSignal::try_from("SIGTERM").ok(), false).await;
-        let deadline = tokio::time::Instant::now() + grace;
+        let deadline = deadline_after(tokio::time::Instant::now(), grace);
         while tokio::time::Instant::now() < deadline {
             if dir.join(instance::EXIT).exists() || !root.exists() {
                 return;
@@ -358,6 +358,14 @@ impl Runtime {
     }
 }
 
+/// `now + d` for a `d` from input (a stop grace, a probe timeout): a year on
+/// instead of a panic when it would overflow the clock. Validation bounds
+/// these durations already; this keeps a missed case from crashing the agent.
+pub(crate) fn deadline_after(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    now.checked_add(d).or_else(|| now.checked_add(YEAR)).unwrap_or(now)
+}
+
 fn remove_all(dir: &Path) -> Result<(), RuntimeError> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -410,4 +418,18 @@ async fn force_delete(root: &Path) {
         let _ = std::fs::remove_dir_all(&root);
     })
     .await;
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_duration_gives_a_far_deadline_not_a_panic() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(deadline_after(now, Duration::from_secs(3)), now + Duration::from_secs(3));
+        for d in [Duration::MAX, Duration::from_secs(u64::MAX), Duration::from_secs(i64::MAX as u64)] {
+            assert!(deadline_after(now, d) >= now + Duration::from_secs(365 * 24 * 3600), "{d:?}");
+        }
+    }
 }
