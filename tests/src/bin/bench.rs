@@ -19,6 +19,9 @@
 //! - storm: a desired state of 1,000 apps: time from `skiff apply` to all
 //!   running, and `skiff ps` latency while they start (median, p95, max).
 //!
+//! - kill9: the agent SIGKILLed at random points during apply, up to 200
+//!   rounds in 3 minutes: lost apps, duplicates, leaks, restarts.
+//!
 //! - registry: a 24 MiB 4-layer pull from a loopback docker-registry against
 //!   `skopeo copy` of the same image, and resume efficiency with a cut every 1 MiB
 //!   (see `bench_registry`).
@@ -29,10 +32,10 @@
 //!   for one 5 MiB layer and for one 50 MiB layer (it must not grow: layers
 //!   stream to disk).
 //!
-//! Sections can be picked: `bench start memory mqtt size reconcile board storm registry pull`.
+//! Sections can be picked: `bench start memory mqtt size reconcile board storm registry pull kill9`.
 
 use serde_json::Value;
-use skiff_tests::agent::{repo, wait_for, Sandbox};
+use skiff_tests::agent::{eventually, repo, wait_for, Sandbox};
 use skiff_tests::bench_mqtt::stats;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -76,6 +79,9 @@ fn main() {
     }
     if run("storm") {
         storm(1000);
+    }
+    if run("kill9") {
+        kill9(200, Duration::from_secs(180));
     }
     if run("registry") {
         skiff_tests::bench_registry::run();
@@ -176,6 +182,100 @@ fn pull() {
     println!("peak RSS of skiff image pull (KiB)");
     println!("  one 5 MiB layer                              {small:8}");
     println!("  one 50 MiB layer                             {big:8}\n");
+}
+
+/// The agent SIGKILLed at a random point (0-150 ms) after `skiff apply` of a
+/// new generation, then restarted, `rounds` times or until `budget` is spent.
+/// Each generation replaces two apps (new command) and keeps two. After each
+/// round, once everything settles: apps not running (lost), apps with more
+/// than one container process (duplicates), shims, rootfs mounts and cgroups
+/// beyond one per app (leaks), kept apps whose pid changed (restarted).
+fn kill9(rounds: usize, budget: Duration) {
+    use rand::Rng;
+    let mut sb = Sandbox::new();
+    sb.agent_args = vec!["--backoff-base".into(), "100ms".into()];
+    sb.start_agent();
+    let names = ["k0", "k1", "c0", "c1"];
+    let state = |gen: usize| -> String {
+        names
+            .iter()
+            .map(|n| {
+                let secs = if n.starts_with('k') { 100000 } else { 100000 + gen };
+                format!("[[app]]\nname = \"{n}\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"{secs}\"]\nstop_grace = \"0s\"\n")
+            })
+            .collect()
+    };
+    let settled = |sb: &Sandbox| {
+        let ps = sb.ps();
+        let apps = ps["apps"].as_array().cloned().unwrap_or_default();
+        apps.len() == names.len() && apps.iter().all(|a| a["phase"] == "running" && a["pid"].is_i64())
+    };
+    sb.apply(&state(0));
+    wait_for(Duration::from_secs(60), "first start", || settled(&sb).then_some(()));
+    let run = sb.run_dir().to_string_lossy().into_owned();
+    let (mut lost, mut dups, mut shims, mut mounts, mut cgroups, mut restarted) = (0, 0, 0, 0, 0, 0);
+    let t0 = Instant::now();
+    let mut done = 0;
+    let mut rng = rand::thread_rng();
+    while done < rounds && t0.elapsed() < budget {
+        let kept: Vec<Value> = ["k0", "k1"].iter().map(|n| sb.app(n)["pid"].clone()).collect();
+        let f = sb.dir.path().join("apps.toml");
+        std::fs::write(&f, state(done + 1)).unwrap();
+        let mut apply = sb.cmd(&["apply", "-f", f.to_str().unwrap()]).stdout(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..150)));
+        sb.kill_agent();
+        let _ = apply.wait();
+        sb.start_agent();
+        // The state on disk may be the old or the new one: either is fine, as
+        // long as what it says runs.
+        if !eventually(Duration::from_secs(30), || settled(&sb)) {
+            let ps = sb.ps();
+            if std::env::var_os("KILL9_VERBOSE").is_some() {
+                for a in ps["apps"].as_array().into_iter().flatten() {
+                    println!("  round {done}: {} {} {}", a["name"], a["phase"], a["last_error"]);
+                }
+            }
+            lost += ps["apps"]
+                .as_array()
+                .map_or(names.len(), |a| names.len() - a.iter().filter(|a| a["phase"] == "running").count());
+        }
+        for (n, before) in ["k0", "k1"].iter().zip(&kept) {
+            if sb.app(n)["pid"] != *before {
+                restarted += 1;
+            }
+        }
+        for n in names {
+            let procs =
+                std::fs::read_to_string(sb.cgroup_file("pids", n, "cgroup.procs")).unwrap_or_default();
+            if procs.lines().count() > 1 {
+                dups += 1;
+            }
+        }
+        let shim_count = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|p| {
+                let c = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+                let c = String::from_utf8_lossy(&c);
+                c.contains("\0shim\0") && c.contains(&run)
+            })
+            .count();
+        shims += shim_count.saturating_sub(names.len());
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let m = info
+            .lines()
+            .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&run) && p.ends_with("/rootfs")))
+            .count();
+        mounts += m.saturating_sub(names.len());
+        let cg =
+            sb.cgroup_file("pids", "x", "cgroup.procs").parent().unwrap().parent().unwrap().to_path_buf();
+        let c =
+            std::fs::read_dir(&cg).map(|d| d.flatten().filter(|e| e.path().is_dir()).count()).unwrap_or(0);
+        cgroups += c.saturating_sub(names.len());
+        done += 1;
+    }
+    println!("kill -9 during apply: {done} rounds in {:.0?} (4 apps, 2 replaced per round)", t0.elapsed());
+    println!("  lost apps {lost}, duplicate containers {dups}, leaked shims {shims}, leaked rootfs mounts {mounts}, leaked cgroups {cgroups}, kept apps restarted {restarted}");
 }
 
 /// `n` apps applied at once: how long until all run, and how `ps` answers meanwhile.
