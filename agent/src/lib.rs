@@ -8,6 +8,7 @@ pub mod doctor;
 pub mod fsutil;
 pub mod image;
 pub mod link;
+pub mod localfile;
 pub mod paths;
 pub mod probe;
 pub mod reconciler;
