@@ -21,6 +21,8 @@ pub const STATE_TOML_LIMIT: u64 = 4 << 20;
 pub const KEY_LIMIT: u64 = 64 << 10;
 /// Largest fleet file.
 pub const FLEET_LIMIT: u64 = 4 << 20;
+/// Largest TLS file (a CA bundle, a certificate, its key).
+pub const CERT_LIMIT: u64 = 1 << 20;
 
 /// Why a file named on the command line was not read. The message names the
 /// file and says everything; there is no separate `source` (so a printed

@@ -153,6 +153,7 @@ impl StateStore {
                     .into_iter()
                     .flatten()
                     .map(|s| s.generation)
+                    .chain(damaged_generation(&self.path()))
                     .fold(floor, u64::max);
                 highest.checked_add(1).ok_or(StoreError::GenerationsExhausted(highest))?
             }
@@ -182,6 +183,30 @@ impl StateStore {
         sync_dir(&self.dir).map_err(self.io(self.dir.clone()))?;
         Ok(Saved::Written(next.generation))
     }
+}
+
+/// The generation a damaged state file was written with, when its envelope
+/// header is intact (magic, kind, full length) and only the payload fails:
+/// the generation is the payload's first field (a postcard varint). A state
+/// that lost its CRC must not have its number handed out again.
+fn damaged_generation(path: &Path) -> Option<u64> {
+    use skiff_common::codec::{Kind, HEADER_LEN, MAGIC};
+    let bytes = std::fs::read(path).ok()?;
+    if state_file::decode(&bytes).is_ok() || bytes.len() < HEADER_LEN {
+        return None;
+    }
+    let len = u32::from_le_bytes(bytes[8..12].try_into().ok()?) as usize;
+    if bytes[0..4] != MAGIC || bytes[4] != Kind::StateFile as u8 || bytes.len() - HEADER_LEN != len {
+        return None;
+    }
+    let mut value: u64 = 0;
+    for (i, b) in bytes[HEADER_LEN..].iter().take(10).enumerate() {
+        value |= u64::from(b & 0x7f).checked_shl(7 * i as u32)?;
+        if b & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -276,10 +301,18 @@ mod tests {
         assert_eq!(s.save_above(state("three"), 2).unwrap(), Saved::Written(3));
         assert_eq!(std::fs::read(s.prev()).unwrap(), good_prev, "the garbage became desired.prev.skf");
         assert_eq!(s.load().unwrap().state.generation, 3);
+        // A file that only fails its CRC still tells its generation: a
+        // local apply without an agent does not reuse it either.
+        let mut bytes = std::fs::read(s.path()).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(s.path(), &bytes).unwrap();
+        assert_eq!(s.save(state("five"), None).unwrap(), Saved::Written(4));
+        assert_eq!(s.load().unwrap().state.apps[0].image.to_string(), "five");
         // Both files unreadable: still no generation 1 again.
         std::fs::write(s.path(), b"garbage").unwrap();
         std::fs::write(s.prev(), b"garbage").unwrap();
-        assert_eq!(s.save_above(state("four"), 3).unwrap(), Saved::Written(4));
+        assert_eq!(s.save_above(state("four"), 4).unwrap(), Saved::Written(5));
     }
 
     #[test]
