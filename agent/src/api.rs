@@ -39,6 +39,9 @@ pub struct PsReply {
     pub usage: Vec<Usage>,
     /// The controller link, when the agent has one.
     pub link: Option<LinkState>,
+    /// Image pulls under way or failed (the state that needs them waits).
+    #[serde(default)]
+    pub pulls: Vec<skiff_common::PullStatus>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

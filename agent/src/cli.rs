@@ -135,6 +135,48 @@ enum ImageCmd {
     },
     /// Remove an image (its files go when no other tag uses them).
     Rm { reference: String },
+    /// Pull an image from its registry (resumes an interrupted pull); multi-arch picks this host's platform.
+    Pull {
+        /// NAME[:TAG] or NAME@sha256:...; `busybox` is docker.io/library/busybox:latest.
+        reference: String,
+        /// Allow plain HTTP to this image's registry.
+        #[arg(long)]
+        insecure: bool,
+        #[command(flatten)]
+        pull: PullArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify the store: refs.json, every image's blobs (hashed) and rootfs.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How images are pulled (the agent and `skiff image pull`).
+#[derive(Args)]
+struct PullArgs {
+    /// Registry settings and credentials (TOML, root-only when it holds secrets).
+    #[arg(long, env = "SKIFF_REGISTRIES", default_value = "/etc/skiff/registries.toml")]
+    registries: PathBuf,
+    /// Cap on the download rate of pulls, e.g. 256KiB/s [default: no cap].
+    #[arg(long, env = "SKIFF_PULL_RATE", value_parser = image::parse_rate)]
+    pull_rate: Option<u64>,
+    /// Disk the image store may take, partial downloads included, e.g. 2Gi [default: no limit].
+    #[arg(long, env = "SKIFF_IMAGE_BUDGET", value_parser = parse_bytes)]
+    image_budget: Option<u64>,
+}
+
+impl PullArgs {
+    fn config(&self) -> image::PullConfig {
+        image::PullConfig {
+            registries: self.registries.clone(),
+            rate: self.pull_rate,
+            budget: self.image_budget,
+            insecure: Vec::new(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -153,6 +195,8 @@ struct AgentArgs {
     backoff_reset: Duration,
     #[command(flatten)]
     mqtt: MqttArgs,
+    #[command(flatten)]
+    pull: PullArgs,
 }
 
 /// The link to the controller. Without `--mqtt-broker` the agent runs on its
@@ -322,7 +366,11 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
         backoff: BackoffConfig { base: a.backoff_base, max: a.backoff_max, reset_after: a.backoff_reset },
         log_cap: a.log_max_size,
         link: a.mqtt.link_config()?,
+        images: None,
     };
+    // For the daemon's pulls: `ImageStore::open(..).with_budget(pull.budget)`, `pull.client()`.
+    let pull = a.pull.config();
+    pull.client().map_err(|e| Invalid(format!("--registries: {e}")))?;
     // Another agent answering on the socket keeps it; otherwise the socket
     // this agent binds goes when it ends, however it ends.
     let other_agent = std::os::unix::net::UnixStream::connect(&socket).is_ok();
@@ -464,6 +512,15 @@ fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
             a.error.as_ref().map(|e| format!("  error: {e}")).unwrap_or_default(),
         )?;
     }
+    for p in &reply.pulls {
+        let total =
+            if p.total > 0 { format!("{:.1}M", p.total as f64 / (1 << 20) as f64) } else { "?".into() };
+        let state = match &p.error {
+            Some(e) => format!("failed, retrying: {e}"),
+            None => "pulling".into(),
+        };
+        println!("pull {}: {:.1}M of {total}, {state}", p.image, p.done as f64 / (1 << 20) as f64);
+    }
     Ok(())
 }
 
@@ -549,6 +606,12 @@ fn image_cmd(paths: &Paths, c: ImageCmd) -> anyhow::Result<()> {
     match c {
         ImageCmd::Load { path, name, json } => image::cli_load(&store, &path, name.as_deref(), json),
         ImageCmd::Ls { json } => image::cli_ls(&store, json),
+        ImageCmd::Pull { reference, insecure, pull, json } => {
+            let cfg = pull.config();
+            let store = store.with_budget(cfg.budget);
+            image::cli_pull(&store, &cfg, &reference, insecure, json)
+        }
+        ImageCmd::Check { json } => image::cli_check(&store, json),
         ImageCmd::Rm { reference } => {
             let r =
                 skiff_common::ImageRef::try_from(reference.as_str()).map_err(|e| Invalid(e.to_string()))?;

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod fsutil;
 pub mod image;
+pub mod intake;
 pub mod link;
 pub mod localfile;
 pub mod paths;

@@ -13,6 +13,12 @@
 //! Decoding checks every field before it touches the payload, and refuses a
 //! length over the caller's limit, so a corrupt or hostile header cannot make
 //! it allocate. A torn write (short file) fails the length or CRC check.
+//!
+//! Schemas evolve: postcard is not self-describing, so a payload is only read
+//! with the structs of its schema. A reader knows a range of schemas per kind
+//! (the newest and the ones before it, kept frozen in `crate::v1` and so on,
+//! each converted into today's types); a schema above its range is refused
+//! with a message that says to upgrade.
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -31,6 +37,16 @@ pub enum Kind {
     Event = 4,
 }
 
+impl Kind {
+    /// Who reads this kind, for "upgrade ..." messages.
+    pub fn reader(self) -> &'static str {
+        match self {
+            Kind::StateFile | Kind::SignedDesired => "the agent",
+            Kind::Reported | Kind::Event => "skiffctl",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
     #[error("too short for a skiff envelope ({0} bytes, the header alone is 16)")]
@@ -41,6 +57,11 @@ pub enum CodecError {
     Kind { found: u8, expected: u8 },
     #[error("schema version {found} is not supported (this build reads {supported})")]
     Schema { found: u8, supported: u8 },
+    #[error(
+        "schema version {found} is newer than this build reads ({oldest}..={newest}); upgrade {}",
+        .kind.reader()
+    )]
+    Newer { kind: Kind, found: u8, oldest: u8, newest: u8 },
     #[error("payload of {len} bytes is over the limit of {limit}")]
     TooLarge { len: usize, limit: usize },
     #[error("payload is {found} bytes but the header says {expected} (torn write?)")]
@@ -51,6 +72,8 @@ pub enum CodecError {
     Payload(String),
     #[error("cannot encode: {0}")]
     Encode(String),
+    #[error("invalid desired state: {0}")]
+    Invalid(crate::ValidationError),
 }
 
 /// Encodes `value` into an envelope of `kind` and `schema`.
@@ -75,6 +98,18 @@ pub fn decode<T: DeserializeOwned>(
     schema: u8,
     limit: usize,
 ) -> Result<T, CodecError> {
+    let (_, payload) = open(bytes, kind, schema..=schema, limit)?;
+    decode_payload(payload)
+}
+
+/// Checks an envelope of `kind` holding at most `limit` payload bytes whose
+/// schema is in `schemas`, and returns that schema and the payload.
+pub fn open(
+    bytes: &[u8],
+    kind: Kind,
+    schemas: std::ops::RangeInclusive<u8>,
+    limit: usize,
+) -> Result<(u8, &[u8]), CodecError> {
     if bytes.len() < HEADER_LEN {
         return Err(CodecError::Short(bytes.len()));
     }
@@ -84,8 +119,13 @@ pub fn decode<T: DeserializeOwned>(
     if bytes[4] != kind as u8 {
         return Err(CodecError::Kind { found: bytes[4], expected: kind as u8 });
     }
-    if bytes[5] != schema {
-        return Err(CodecError::Schema { found: bytes[5], supported: schema });
+    let found = bytes[5];
+    if found > *schemas.end() {
+        let (oldest, newest) = (*schemas.start(), *schemas.end());
+        return Err(CodecError::Newer { kind, found, oldest, newest });
+    }
+    if found < *schemas.start() {
+        return Err(CodecError::Schema { found, supported: *schemas.start() });
     }
     let len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
     if len > limit {
@@ -100,6 +140,11 @@ pub fn decode<T: DeserializeOwned>(
     if expected != found {
         return Err(CodecError::Crc { expected, found });
     }
+    Ok((bytes[5], payload))
+}
+
+/// Reads one postcard value that must fill `payload` exactly.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
     let (value, rest) = postcard::take_from_bytes(payload).map_err(|e| CodecError::Payload(e.to_string()))?;
     if !rest.is_empty() {
         return Err(CodecError::Payload(format!("{} trailing bytes", rest.len())));
@@ -110,18 +155,32 @@ pub fn decode<T: DeserializeOwned>(
 /// The state file: a `DesiredState` in a `Kind::StateFile` envelope.
 pub mod state_file {
     use super::*;
-    use crate::DesiredState;
+    use crate::{v1, DesiredState};
 
-    pub const SCHEMA: u8 = 1;
+    /// Written by this build. 2: `AppSpec.pull`.
+    pub const SCHEMA: u8 = 2;
+    /// The oldest schema this build still reads (and converts).
+    pub const OLDEST: u8 = 1;
     /// Far above any real desired state; bounds what a corrupt file can cost.
     pub const LIMIT: usize = 1 << 20;
 
+    /// Refuses a state that `decode` would refuse (`DesiredState::validate`).
     pub fn encode(state: &DesiredState) -> Result<Vec<u8>, CodecError> {
+        state.validate().map_err(CodecError::Invalid)?;
         super::encode(Kind::StateFile, SCHEMA, state)
     }
 
+    /// Reads a state file of any schema from `OLDEST` to `SCHEMA`, and
+    /// validates the state: a file that breaks an invariant is as unusable
+    /// as one that fails its CRC.
     pub fn decode(bytes: &[u8]) -> Result<DesiredState, CodecError> {
-        super::decode(bytes, Kind::StateFile, SCHEMA, LIMIT)
+        let (schema, payload) = open(bytes, Kind::StateFile, OLDEST..=SCHEMA, LIMIT)?;
+        let state = match schema {
+            1 => decode_payload::<v1::DesiredState>(payload)?.into(),
+            _ => decode_payload::<DesiredState>(payload)?,
+        };
+        state.validate().map_err(CodecError::Invalid)?;
+        Ok(state)
     }
 }
 
@@ -161,5 +220,30 @@ mod tests {
             decode::<(u64, String)>(&bytes, Kind::Reported, 1, 1024),
             Err(CodecError::Kind { .. })
         ));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_with_a_reason_to_upgrade() {
+        let bytes = encode(Kind::StateFile, state_file::SCHEMA + 1, &crate::DesiredState::empty()).unwrap();
+        let e = state_file::decode(&bytes).unwrap_err();
+        assert_eq!(
+            e,
+            CodecError::Newer {
+                kind: Kind::StateFile,
+                found: state_file::SCHEMA + 1,
+                oldest: state_file::OLDEST,
+                newest: state_file::SCHEMA
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "schema version {} is newer than this build reads (1..={}); upgrade the agent",
+                state_file::SCHEMA + 1,
+                state_file::SCHEMA
+            )
+        );
+        let bytes = encode(Kind::StateFile, 0, &crate::DesiredState::empty()).unwrap();
+        assert_eq!(state_file::decode(&bytes), Err(CodecError::Schema { found: 0, supported: 1 }));
     }
 }

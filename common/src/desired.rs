@@ -39,6 +39,8 @@ impl DesiredState {
 pub struct AppSpec {
     pub name: AppName,
     pub image: ImageRef,
+    /// When the image is fetched from its registry.
+    pub pull: PullPolicy,
     /// Replaces the image's entrypoint and command when set.
     pub command: Option<Vec<String>>,
     /// Added to (and overriding) the image's environment.
@@ -56,6 +58,32 @@ pub struct AppSpec {
     pub startup: Option<Probe>,
     /// Time between SIGTERM and SIGKILL when the app is stopped.
     pub stop_grace: Duration,
+}
+
+/// When an app's image is pulled from its registry. Append only: postcard
+/// numbers the variants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PullPolicy {
+    /// Pulled when the store does not hold the reference (`if-not-present`).
+    #[default]
+    IfNotPresent,
+    /// Pulled again (the tag re-resolved) on every apply of a new generation (`always`).
+    Always,
+    /// Never pulled: the image must be loaded on the device (`never`).
+    Never,
+}
+
+impl PullPolicy {
+    pub const ALL: [PullPolicy; 3] = [PullPolicy::IfNotPresent, PullPolicy::Always, PullPolicy::Never];
+
+    /// The word the TOML file uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::IfNotPresent => "if-not-present",
+            PullPolicy::Always => "always",
+            PullPolicy::Never => "never",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

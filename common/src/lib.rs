@@ -12,9 +12,13 @@ pub mod protocol;
 pub mod quantity;
 pub mod status;
 pub mod toml_file;
+pub mod v1;
+pub mod validate;
 
 pub use desired::{
-    AppSpec, DesiredState, Mount, NetworkMode, Origin, Probe, ProbeAction, Resources, RestartPolicy,
+    AppSpec, DesiredState, Mount, NetworkMode, Origin, Probe, ProbeAction, PullPolicy, Resources,
+    RestartPolicy,
 };
 pub use name::{AppName, ImageRef, NameError};
-pub use status::{AppStatus, ExitInfo, Health, Phase};
+pub use status::{AppStatus, ExitInfo, Health, Phase, PullStatus};
+pub use validate::ValidationError;

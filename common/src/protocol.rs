@@ -13,17 +13,21 @@
 //!
 //! Every binary payload is a `codec` envelope (kind, schema, length, CRC,
 //! postcard) decoded with a size limit. The desired state is signed with
-//! ed25519 over `SIGN_CONTEXT || body`, where `body` is the exact postcard
+//! ed25519 over `context || body`, where `body` is the exact postcard
 //! bytes of a `DesiredBody` naming the device, so a state signed for one device
 //! is refused by every other and a signature can never be confused with one
-//! made for another purpose. Verification is strict (`verify_strict`): no
+//! made for another purpose. The context names the body's schema
+//! (`SIGN_CONTEXT`, `SIGN_CONTEXT_V1`), so body bytes signed as one schema
+//! cannot be re-wrapped in an envelope of another and read differently.
+//! Payloads of the previous schema (1) are still read, through `crate::v1`. Verification is strict (`verify_strict`): no
 //! malleable or small-order signatures. Generations are not judged here (that
 //! needs memory of what was applied): the link does it.
 
 use crate::codec::{self, CodecError, Kind, HEADER_LEN};
 use crate::desired::{DesiredState, Origin};
 use crate::name::{AppName, NameError};
-use crate::status::AppStatus;
+use crate::status::{AppStatus, PullStatus};
+use crate::validate::ValidationError;
 use ed25519_dalek::{Signature, Signer};
 /// The key types, so users of this module need no direct ed25519 dependency.
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -47,12 +51,17 @@ pub const REASON_MAX: usize = 1024;
 /// (and acknowledged) instead of breaking the connection, which would make the
 /// broker redeliver it forever. Brokers should cap messages below this.
 pub const PACKET_LIMIT: usize = 1024 * 1024;
-/// Domain separation for desired-state signatures.
-pub const SIGN_CONTEXT: &[u8] = b"skiff/v1 desired-state\0";
-/// Envelope schema versions of this protocol's payloads.
-pub const DESIRED_SCHEMA: u8 = 1;
-pub const REPORTED_SCHEMA: u8 = 1;
+/// Domain separation for desired-state signatures of schema `DESIRED_SCHEMA`.
+pub const SIGN_CONTEXT: &[u8] = b"skiff/v1 desired-state schema 2\0";
+/// The same for schema 1 bodies (read, never written).
+pub const SIGN_CONTEXT_V1: &[u8] = b"skiff/v1 desired-state\0";
+/// Envelope schema versions of this protocol's payloads, as written.
+/// 2: `AppSpec.pull`, `DesiredBody.replaces`, `Reported.pulls`.
+pub const DESIRED_SCHEMA: u8 = 2;
+pub const REPORTED_SCHEMA: u8 = 2;
 pub const EVENT_SCHEMA: u8 = 1;
+/// The oldest schema of `desired` and `reported` payloads still read.
+pub const OLDEST_SCHEMA: u8 = 1;
 /// `online` payloads (plain bytes so any MQTT tool can read them).
 pub const ONLINE: &[u8] = b"1";
 pub const OFFLINE: &[u8] = b"0";
@@ -86,6 +95,8 @@ pub enum ProtocolError {
     Origin(Origin),
     #[error("key: {0}")]
     Key(String),
+    #[error("invalid desired state: {0}")]
+    Invalid(#[from] ValidationError),
     #[error("broker URL {url:?}: {reason}")]
     BrokerUrl { url: String, reason: &'static str },
 }
@@ -280,6 +291,10 @@ impl fmt::Debug for KeyId {
 pub struct DesiredBody {
     pub device: DeviceId,
     pub state: DesiredState,
+    /// A controller reset: set to the generation the device has now, it lets
+    /// `state` replace it even with a lower generation (see the README, MQTT
+    /// protocol). `None` for every ordinary state.
+    pub replaces: Option<u64>,
 }
 
 /// The `desired` payload. `body` is kept as bytes so the signature covers
@@ -299,25 +314,50 @@ pub fn seal_desired(
     device: &DeviceId,
     state: &DesiredState,
 ) -> Result<Vec<u8>, ProtocolError> {
-    if state.origin != Origin::Controller {
-        return Err(ProtocolError::Origin(state.origin));
+    seal_desired_body(key, &DesiredBody { device: device.clone(), state: state.clone(), replaces: None })
+}
+
+/// Signs a whole body (a reset sets `replaces`) and returns the `desired` payload.
+pub fn seal_desired_body(key: &SigningKey, body: &DesiredBody) -> Result<Vec<u8>, ProtocolError> {
+    if body.state.origin != Origin::Controller {
+        return Err(ProtocolError::Origin(body.state.origin));
     }
-    let body = DesiredBody { device: device.clone(), state: state.clone() };
-    let body = postcard::to_allocvec(&body).map_err(|e| CodecError::Encode(e.to_string()))?;
-    let signature = key.sign(&signed_message(&body)).to_bytes().to_vec();
+    body.state.validate()?;
+    seal_desired_unvalidated(key, body)
+}
+
+/// Signs a body without checking the state. Only for tests of the receiving
+/// side (what a buggy or compromised controller could send); `seal_desired`
+/// never signs what a device would refuse.
+#[doc(hidden)]
+pub fn seal_desired_unvalidated(key: &SigningKey, body: &DesiredBody) -> Result<Vec<u8>, ProtocolError> {
+    let body = postcard::to_allocvec(body).map_err(|e| CodecError::Encode(e.to_string()))?;
+    let signature = key.sign(&signed_message(DESIRED_SCHEMA, &body)).to_bytes().to_vec();
     let signed = SignedDesired { key_id: KeyId::of(&key.verifying_key()), body, signature };
     encode_limited(Kind::SignedDesired, DESIRED_SCHEMA, &signed, DESIRED_LIMIT)
 }
 
 /// Checks a `desired` payload: envelope and size, key id, signature over the
-/// exact body bytes, the device it is addressed to, the origin. Returns the
-/// state only when all of them hold.
+/// exact body bytes, the device it is addressed to, the origin, and the state
+/// itself (`DesiredState::validate`). Returns the state only when all of them
+/// hold.
 pub fn open_desired(
     bytes: &[u8],
     device: &DeviceId,
     key: &VerifyingKey,
 ) -> Result<DesiredState, ProtocolError> {
-    let signed: SignedDesired = codec::decode(bytes, Kind::SignedDesired, DESIRED_SCHEMA, DESIRED_LIMIT)?;
+    open_desired_body(bytes, device, key).map(|b| b.state)
+}
+
+/// `open_desired`, returning the whole signed body.
+pub fn open_desired_body(
+    bytes: &[u8],
+    device: &DeviceId,
+    key: &VerifyingKey,
+) -> Result<DesiredBody, ProtocolError> {
+    let (schema, payload) =
+        codec::open(bytes, Kind::SignedDesired, OLDEST_SCHEMA..=DESIRED_SCHEMA, DESIRED_LIMIT)?;
+    let signed: SignedDesired = codec::decode_payload(payload)?;
     let trusted = KeyId::of(key);
     if signed.key_id != trusted {
         return Err(ProtocolError::UnknownKey { found: signed.key_id, trusted });
@@ -327,9 +367,9 @@ pub fn open_desired(
         .as_slice()
         .try_into()
         .map_err(|_| ProtocolError::SignatureLength(signed.signature.len()))?;
-    key.verify_strict(&signed_message(&signed.body), &Signature::from_bytes(&sig))
+    key.verify_strict(&signed_message(schema, &signed.body), &Signature::from_bytes(&sig))
         .map_err(|_| ProtocolError::BadSignature)?;
-    let body: DesiredBody = decode_exact(&signed.body)?;
+    let body = decode_body(schema, &signed.body)?;
     if &body.device != device {
         return Err(ProtocolError::WrongDevice {
             found: body.device.to_string(),
@@ -339,19 +379,31 @@ pub fn open_desired(
     if body.state.origin != Origin::Controller {
         return Err(ProtocolError::Origin(body.state.origin));
     }
-    Ok(body.state)
+    body.state.validate()?;
+    Ok(body)
 }
 
 /// Reads a `desired` payload WITHOUT checking its signature: for display and
 /// for choosing the next generation on the controller side, never for acting.
 pub fn peek_desired(bytes: &[u8]) -> Result<(KeyId, DesiredBody), ProtocolError> {
-    let signed: SignedDesired = codec::decode(bytes, Kind::SignedDesired, DESIRED_SCHEMA, DESIRED_LIMIT)?;
-    Ok((signed.key_id, decode_exact(&signed.body)?))
+    let (schema, payload) =
+        codec::open(bytes, Kind::SignedDesired, OLDEST_SCHEMA..=DESIRED_SCHEMA, DESIRED_LIMIT)?;
+    let signed: SignedDesired = codec::decode_payload(payload)?;
+    Ok((signed.key_id, decode_body(schema, &signed.body)?))
 }
 
-fn signed_message(body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(SIGN_CONTEXT.len() + body.len());
-    m.extend_from_slice(SIGN_CONTEXT);
+/// The body's bytes, read with the structs of the envelope's schema.
+fn decode_body(schema: u8, body: &[u8]) -> Result<DesiredBody, ProtocolError> {
+    match schema {
+        1 => Ok(decode_exact::<crate::v1::DesiredBody>(body)?.into()),
+        _ => decode_exact(body),
+    }
+}
+
+fn signed_message(schema: u8, body: &[u8]) -> Vec<u8> {
+    let context = if schema == 1 { SIGN_CONTEXT_V1 } else { SIGN_CONTEXT };
+    let mut m = Vec::with_capacity(context.len() + body.len());
+    m.extend_from_slice(context);
     m.extend_from_slice(body);
     m
 }
@@ -411,14 +463,22 @@ pub struct Reported {
     /// Device wall clock at sending, seconds since the epoch; 0 when the device
     /// has no trustworthy clock. Filled in by the link. Informational only.
     pub sent_unix: u64,
+    /// Image pulls in progress or failed (empty when nothing is pulled).
+    pub pulls: Vec<PullStatus>,
 }
 
 pub fn encode_reported(r: &Reported) -> Result<Vec<u8>, ProtocolError> {
     encode_limited(Kind::Reported, REPORTED_SCHEMA, r, REPORTED_LIMIT)
 }
 
+/// Reads a `reported` payload of any schema from `OLDEST_SCHEMA` on.
 pub fn decode_reported(bytes: &[u8]) -> Result<Reported, ProtocolError> {
-    Ok(codec::decode(bytes, Kind::Reported, REPORTED_SCHEMA, REPORTED_LIMIT)?)
+    let (schema, payload) =
+        codec::open(bytes, Kind::Reported, OLDEST_SCHEMA..=REPORTED_SCHEMA, REPORTED_LIMIT)?;
+    Ok(match schema {
+        1 => codec::decode_payload::<crate::v1::Reported>(payload)?.into(),
+        _ => codec::decode_payload(payload)?,
+    })
 }
 
 /// What an event is about. Append only: postcard numbers the variants.
@@ -549,8 +609,8 @@ mod tests {
     use super::*;
     use crate::desired::AppSpec;
     use crate::name::ImageRef;
-    use crate::status::{Health, Phase};
-    use crate::{NetworkMode, Resources, RestartPolicy};
+    use crate::status::{Health, Phase, PullStatus};
+    use crate::{NetworkMode, PullPolicy, Resources, RestartPolicy};
     use std::collections::BTreeMap;
     use std::time::Duration;
 
@@ -566,6 +626,7 @@ mod tests {
         let app = AppSpec {
             name: AppName::try_from("web").unwrap(),
             image: ImageRef::try_from("busybox:1").unwrap(),
+            pull: PullPolicy::Always,
             command: Some(vec!["httpd".into(), "-f".into()]),
             env: BTreeMap::from([("A".into(), "b".into())]),
             workdir: None,
@@ -666,17 +727,17 @@ mod tests {
         // Signed by another key, with the real key's id claimed.
         let forged = seal_desired(&key(2), &d, &state(7)).unwrap();
         let mut signed: SignedDesired =
-            codec::decode(&forged, Kind::SignedDesired, 1, DESIRED_LIMIT).unwrap();
+            codec::decode(&forged, Kind::SignedDesired, DESIRED_SCHEMA, DESIRED_LIMIT).unwrap();
         assert!(matches!(open_desired(&forged, &d, &real), Err(ProtocolError::UnknownKey { .. })));
         signed.key_id = KeyId::of(&real);
-        let bytes = codec::encode(Kind::SignedDesired, 1, &signed).unwrap();
+        let bytes = codec::encode(Kind::SignedDesired, DESIRED_SCHEMA, &signed).unwrap();
         assert_eq!(open_desired(&bytes, &d, &real), Err(ProtocolError::BadSignature));
         // Zero signature, short signature.
         signed.signature = vec![0; 64];
-        let bytes = codec::encode(Kind::SignedDesired, 1, &signed).unwrap();
+        let bytes = codec::encode(Kind::SignedDesired, DESIRED_SCHEMA, &signed).unwrap();
         assert_eq!(open_desired(&bytes, &d, &real), Err(ProtocolError::BadSignature));
         signed.signature = vec![0; 63];
-        let bytes = codec::encode(Kind::SignedDesired, 1, &signed).unwrap();
+        let bytes = codec::encode(Kind::SignedDesired, DESIRED_SCHEMA, &signed).unwrap();
         assert_eq!(open_desired(&bytes, &d, &real), Err(ProtocolError::SignatureLength(63)));
     }
 
@@ -685,12 +746,13 @@ mod tests {
         let k = key(1);
         let d = dev("pi-1");
         let bytes = seal_desired(&k, &d, &state(7)).unwrap();
-        let signed: SignedDesired = codec::decode(&bytes, Kind::SignedDesired, 1, DESIRED_LIMIT).unwrap();
+        let signed: SignedDesired =
+            codec::decode(&bytes, Kind::SignedDesired, DESIRED_SCHEMA, DESIRED_LIMIT).unwrap();
         // Flip every bit of the body in turn; the envelope is rebuilt so only the signature can tell.
         for i in 0..signed.body.len() {
             let mut t = signed.clone();
             t.body[i] ^= 0x01;
-            let b = codec::encode(Kind::SignedDesired, 1, &t).unwrap();
+            let b = codec::encode(Kind::SignedDesired, DESIRED_SCHEMA, &t).unwrap();
             assert!(open_desired(&b, &d, &k.verifying_key()).is_err(), "byte {i}");
         }
         // Bits flipped in the raw payload fail the CRC before anything else.
@@ -701,6 +763,30 @@ mod tests {
             open_desired(&raw, &d, &k.verifying_key()),
             Err(ProtocolError::Codec(CodecError::Crc { .. }))
         ));
+    }
+
+    #[test]
+    fn a_body_rewrapped_in_another_schema_does_not_verify() {
+        let k = key(1);
+        let d = dev("pi-1");
+        let bytes = seal_desired(&k, &d, &state(7)).unwrap();
+        let signed: SignedDesired =
+            codec::decode(&bytes, Kind::SignedDesired, DESIRED_SCHEMA, DESIRED_LIMIT).unwrap();
+        let old = codec::encode(Kind::SignedDesired, 1, &signed).unwrap();
+        assert_eq!(open_desired(&old, &d, &k.verifying_key()), Err(ProtocolError::BadSignature));
+        let newer = codec::encode(Kind::SignedDesired, DESIRED_SCHEMA + 1, &signed).unwrap();
+        let e = open_desired(&newer, &d, &k.verifying_key()).unwrap_err();
+        assert!(matches!(e, ProtocolError::Codec(CodecError::Newer { .. })), "{e}");
+        assert!(e.to_string().ends_with("; upgrade the agent"), "{e}");
+    }
+
+    #[test]
+    fn a_reset_carries_what_it_replaces() {
+        let k = key(1);
+        let d = dev("pi-1");
+        let body = DesiredBody { device: d.clone(), state: state(3), replaces: Some(9) };
+        let bytes = seal_desired_body(&k, &body).unwrap();
+        assert_eq!(open_desired_body(&bytes, &d, &k.verifying_key()).unwrap(), body);
     }
 
     #[test]
@@ -721,10 +807,11 @@ mod tests {
         s.origin = Origin::Local;
         assert_eq!(seal_desired(&k, &d, &s), Err(ProtocolError::Origin(Origin::Local)));
         // Correctly signed, but Local: refused by the device.
-        let body = postcard::to_allocvec(&DesiredBody { device: d.clone(), state: s }).unwrap();
-        let signature = k.sign(&signed_message(&body)).to_bytes().to_vec();
+        let body =
+            postcard::to_allocvec(&DesiredBody { device: d.clone(), state: s, replaces: None }).unwrap();
+        let signature = k.sign(&signed_message(DESIRED_SCHEMA, &body)).to_bytes().to_vec();
         let signed = SignedDesired { key_id: KeyId::of(&k.verifying_key()), body, signature };
-        let bytes = codec::encode(Kind::SignedDesired, 1, &signed).unwrap();
+        let bytes = codec::encode(Kind::SignedDesired, DESIRED_SCHEMA, &signed).unwrap();
         assert_eq!(open_desired(&bytes, &d, &k.verifying_key()), Err(ProtocolError::Origin(Origin::Local)));
     }
 
@@ -736,10 +823,11 @@ mod tests {
         s.apps[0].env.insert("BIG".into(), "x".repeat(DESIRED_LIMIT));
         assert!(matches!(seal_desired(&k, &d, &s), Err(ProtocolError::Codec(CodecError::TooLarge { .. }))));
         // A peer that ignores the limit: the device refuses before looking inside.
-        let body = postcard::to_allocvec(&DesiredBody { device: d.clone(), state: s }).unwrap();
-        let signature = k.sign(&signed_message(&body)).to_bytes().to_vec();
+        let body =
+            postcard::to_allocvec(&DesiredBody { device: d.clone(), state: s, replaces: None }).unwrap();
+        let signature = k.sign(&signed_message(DESIRED_SCHEMA, &body)).to_bytes().to_vec();
         let signed = SignedDesired { key_id: KeyId::of(&k.verifying_key()), body, signature };
-        let bytes = codec::encode(Kind::SignedDesired, 1, &signed).unwrap();
+        let bytes = codec::encode(Kind::SignedDesired, DESIRED_SCHEMA, &signed).unwrap();
         assert!(matches!(
             open_desired(&bytes, &d, &k.verifying_key()),
             Err(ProtocolError::Codec(CodecError::TooLarge { .. }))
@@ -764,7 +852,7 @@ mod tests {
                 // A valid header over random payload gets past the envelope checks.
                 let payload = b[16..].to_vec();
                 b = codec::MAGIC.to_vec();
-                b.extend_from_slice(&[Kind::SignedDesired as u8, 1, 0, 0]);
+                b.extend_from_slice(&[Kind::SignedDesired as u8, 1 + (n % 4) as u8 / 2, 0, 0]);
                 b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
                 b.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
                 b.extend_from_slice(&payload);
@@ -799,6 +887,12 @@ mod tests {
             agent_version: "0.1.0".into(),
             last_rejection: Some(Rejection::new(Some(2), "bad")),
             sent_unix: 1_700_000_000,
+            pulls: vec![PullStatus {
+                image: "busybox:2".into(),
+                done: 10,
+                total: 20,
+                error: Some("x".into()),
+            }],
         };
         assert_eq!(decode_reported(&encode_reported(&r).unwrap()).unwrap(), r);
         let e = Event {

@@ -69,3 +69,17 @@ pub struct AppStatus {
     /// Last error creating or running it, if any.
     pub error: Option<String>,
 }
+
+/// An image pull in progress or failed, as reported while a desired state
+/// waits for its images.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullStatus {
+    /// The reference as written in the desired state.
+    pub image: String,
+    /// Bytes of the image's blobs on disk (verified or partial).
+    pub done: u64,
+    /// Bytes of all its blobs; 0 until the manifest is known.
+    pub total: u64,
+    /// Why the last attempt failed; it is retried with backoff.
+    pub error: Option<String>,
+}

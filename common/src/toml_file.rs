@@ -9,6 +9,10 @@
 use crate::desired::*;
 use crate::name::{AppName, ImageRef};
 use crate::quantity::{parse_bytes, parse_duration};
+use crate::validate::{
+    check_app, check_apps_len, cpus_message, port_message, range_message, Field, ProbeField, ProbeKind,
+    MAX_APPS, PIDS, THRESHOLD,
+};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -50,6 +54,7 @@ struct RawFile {
 struct RawApp {
     name: Spanned<String>,
     image: Spanned<String>,
+    pull: Option<Spanned<String>>,
     command: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     env: BTreeMap<Spanned<String>, String>,
@@ -127,12 +132,17 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 struct Ctx<'a> {
     text: &'a str,
     errors: Vec<FileError>,
+    /// Fields that already have an error (a value that did not convert): the
+    /// shared checks do not report them again.
+    reported: BTreeSet<String>,
 }
 
 impl Ctx<'_> {
     fn err(&mut self, span: Range<usize>, field: impl Into<String>, message: impl Into<String>) {
         let (line, column) = line_col(self.text, span.start);
-        self.errors.push(FileError { line, column, field: field.into(), message: message.into() });
+        let field = field.into();
+        self.reported.insert(field.clone());
+        self.errors.push(FileError { line, column, field, message: message.into() });
     }
 
     fn duration(&mut self, v: &Option<Spanned<String>>, field: String, default: Duration) -> Duration {
@@ -151,6 +161,10 @@ impl Ctx<'_> {
 
 /// Parses and validates a desired-state file. All problems found are returned,
 /// in file order. The result has generation 0: the store assigns generations.
+///
+/// This converts text to typed values (names, enums, sizes, durations) and
+/// reports where each problem is; what a valid state is lives in `validate`,
+/// shared with every decoder.
 pub fn parse(text: &str) -> Result<DesiredState, Vec<FileError>> {
     let raw: RawFile = match toml::from_str(text) {
         Ok(r) => r,
@@ -160,7 +174,11 @@ pub fn parse(text: &str) -> Result<DesiredState, Vec<FileError>> {
             return Err(vec![FileError { line, column, field: String::new(), message }]);
         }
     };
-    let mut cx = Ctx { text, errors: Vec::new() };
+    let mut cx = Ctx { text, errors: Vec::new(), reported: BTreeSet::new() };
+    if let Err(e) = check_apps_len(raw.app.len()) {
+        cx.err(raw.app[MAX_APPS].span(), format!("app[{MAX_APPS}]"), e.to_string());
+        return Err(cx.errors);
+    }
     let mut apps: Vec<AppSpec> = Vec::new();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (i, app) in raw.app.iter().enumerate() {
@@ -187,8 +205,23 @@ pub fn parse(text: &str) -> Result<DesiredState, Vec<FileError>> {
     Ok(DesiredState { generation: 0, origin: Origin::Local, apps })
 }
 
-fn abs_path_ok(p: &str) -> bool {
-    p.starts_with('/') && !p.contains('\0') && !p.split('/').any(|c| c == ".." || c == ".")
+/// Reads a word of a fixed set (`restart = "on-failure"`).
+fn choice<T: Copy>(
+    cx: &mut Ctx,
+    v: &Option<Spanned<String>>,
+    field: String,
+    words: &[(&str, T)],
+    default: T,
+) -> T {
+    let Some(s) = v else { return default };
+    match words.iter().find(|(w, _)| *w == s.get_ref()) {
+        Some((_, t)) => *t,
+        None => {
+            let names: Vec<&str> = words.iter().map(|(w, _)| *w).collect();
+            cx.err(s.span(), field, format!("{:?} is not one of {}", s.get_ref(), names.join(", ")));
+            default
+        }
+    }
 }
 
 fn validate_app(cx: &mut Ctx, raw: &RawApp, label: &str) -> Option<AppSpec> {
@@ -211,252 +244,200 @@ fn validate_app(cx: &mut Ctx, raw: &RawApp, label: &str) -> Option<AppSpec> {
             None
         }
     };
-    let command = raw.command.as_ref().map(|c| {
-        if c.get_ref().is_empty() || c.get_ref()[0].is_empty() {
-            cx.err(
-                c.span(),
-                format!("{label}: command"),
-                "must name a program (leave it out to use the image's)",
-            );
-        }
-        if c.get_ref().iter().any(|a| a.contains('\0')) {
-            cx.err(c.span(), format!("{label}: command"), "contains a NUL byte");
-        }
-        c.get_ref().clone()
-    });
-    let mut env = BTreeMap::new();
-    for (k, v) in &raw.env {
-        let key = k.get_ref();
-        if key.is_empty() || key.contains('=') || key.contains('\0') || v.contains('\0') {
-            cx.err(
-                k.span(),
-                format!("{label}: env.{key}"),
-                "variable names must be non-empty, without '=' or NUL",
-            );
-        }
-        env.insert(key.clone(), v.clone());
-    }
-    let workdir = raw.workdir.as_ref().map(|w| {
-        if !abs_path_ok(w.get_ref()) {
-            cx.err(w.span(), format!("{label}: workdir"), "must be an absolute path without '.' or '..'");
-        }
-        w.get_ref().clone()
-    });
-    let restart = match raw.restart.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
-        None | Some(("always", _)) => RestartPolicy::Always,
-        Some(("on-failure", _)) => RestartPolicy::OnFailure,
-        Some(("never", _)) => RestartPolicy::Never,
-        Some((other, span)) => {
-            cx.err(
-                span,
-                format!("{label}: restart"),
-                format!("{other:?} is not one of always, on-failure, never"),
-            );
-            RestartPolicy::Always
-        }
+    let pull = choice(
+        cx,
+        &raw.pull,
+        format!("{label}: pull"),
+        &PullPolicy::ALL.map(|p| (p.as_str(), p)),
+        PullPolicy::default(),
+    );
+    let restart = choice(
+        cx,
+        &raw.restart,
+        format!("{label}: restart"),
+        &[
+            ("always", RestartPolicy::Always),
+            ("on-failure", RestartPolicy::OnFailure),
+            ("never", RestartPolicy::Never),
+        ],
+        RestartPolicy::Always,
+    );
+    let network = choice(
+        cx,
+        &raw.network,
+        format!("{label}: network"),
+        &[("host", NetworkMode::Host), ("none", NetworkMode::None)],
+        NetworkMode::Host,
+    );
+    let env = raw.env.iter().map(|(k, v)| (k.get_ref().clone(), v.clone())).collect();
+    let mounts = raw
+        .mounts
+        .iter()
+        .map(|m| {
+            let m = m.get_ref();
+            Mount {
+                source: m.source.get_ref().clone(),
+                target: m.target.get_ref().clone(),
+                readonly: m.readonly,
+            }
+        })
+        .collect();
+    let resources = raw.resources.as_ref().map(|r| convert_resources(cx, r, &label)).unwrap_or_default();
+    let mut probe = |p: &Option<Spanned<RawProbe>>, kind: ProbeKind| {
+        p.as_ref().and_then(|p| convert_probe(cx, p, &format!("{label}: {}", kind.as_str())))
     };
-    let network = match raw.network.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
-        None | Some(("host", _)) => NetworkMode::Host,
-        Some(("none", _)) => NetworkMode::None,
-        Some((other, span)) => {
-            cx.err(span, format!("{label}: network"), format!("{other:?} is not one of host, none"));
-            NetworkMode::Host
-        }
-    };
-    let mut mounts = Vec::new();
-    let mut targets = BTreeSet::new();
-    for (i, m) in raw.mounts.iter().enumerate() {
-        let m = m.get_ref();
-        let field = format!("{label}: mounts[{i}]");
-        if !abs_path_ok(m.source.get_ref()) {
-            cx.err(
-                m.source.span(),
-                format!("{field}.source"),
-                "must be an absolute host path without '.' or '..'",
-            );
-        }
-        let target = m.target.get_ref();
-        if !abs_path_ok(target) || target == "/" {
-            cx.err(
-                m.target.span(),
-                format!("{field}.target"),
-                "must be an absolute path other than / without '.' or '..'",
-            );
-        } else if !targets.insert(target.trim_end_matches('/').to_string()) {
-            cx.err(m.target.span(), format!("{field}.target"), format!("{target:?} is mounted twice"));
-        }
-        mounts.push(Mount {
-            source: m.source.get_ref().clone(),
-            target: target.clone(),
-            readonly: m.readonly,
-        });
-    }
-    let mut devices = Vec::new();
-    for (i, d) in raw.devices.iter().enumerate() {
-        let path = d.get_ref();
-        if !path.starts_with("/dev/") || !abs_path_ok(path) {
-            cx.err(d.span(), format!("{label}: devices[{i}]"), format!("{path:?} is not a path under /dev/"));
-        } else if devices.contains(path) {
-            cx.err(d.span(), format!("{label}: devices[{i}]"), format!("{path:?} is listed twice"));
-        }
-        devices.push(path.clone());
-    }
-    let resources = raw.resources.as_ref().map(|r| validate_resources(cx, r, &label)).unwrap_or_default();
-    let mut probe = |p: &Option<Spanned<RawProbe>>, kind: &str| {
-        p.as_ref().and_then(|p| validate_probe(cx, p, &format!("{label}: {kind}"), network))
-    };
-    let liveness = probe(&raw.liveness, "liveness");
-    let readiness = probe(&raw.readiness, "readiness");
-    let startup = probe(&raw.startup, "startup");
+    let liveness = probe(&raw.liveness, ProbeKind::Liveness);
+    let readiness = probe(&raw.readiness, ProbeKind::Readiness);
+    let startup = probe(&raw.startup, ProbeKind::Startup);
     let stop_grace =
         cx.duration(&raw.stop_grace, format!("{label}: stop_grace"), AppSpec::DEFAULT_STOP_GRACE);
-    if stop_grace > Duration::from_secs(600) {
-        let span = raw.stop_grace.as_ref().map(|s| s.span()).unwrap_or(0..0);
-        cx.err(span, format!("{label}: stop_grace"), "must be at most 10m");
-    }
-    if cx.errors.len() > before {
-        return None;
-    }
-    Some(AppSpec {
-        name: name?,
-        image: image?,
-        command,
+    let spec = AppSpec {
+        // Stand-ins when the name or image did not convert (already reported):
+        // the checks below look at everything else.
+        name: name.unwrap_or_else(|| AppName::try_from("invalid").expect("a valid name")),
+        image: image.unwrap_or_else(|| ImageRef::try_from("invalid").expect("a valid image reference")),
+        pull,
+        command: raw.command.as_ref().map(|c| c.get_ref().clone()),
         env,
-        workdir,
+        workdir: raw.workdir.as_ref().map(|w| w.get_ref().clone()),
         restart,
         network,
         mounts,
-        devices,
+        devices: raw.devices.iter().map(|d| d.get_ref().clone()).collect(),
         resources,
         liveness,
         readiness,
         startup,
         stop_grace,
-    })
+    };
+    check_app(&spec, &mut |field, message| {
+        let f = format!("{label}: {field}");
+        if !cx.reported.contains(&f) {
+            cx.err(span_of(raw, &field), f, message);
+        }
+    });
+    if cx.errors.len() > before {
+        return None;
+    }
+    Some(spec)
 }
 
-/// Below this a container cannot even start its init.
-const MIN_MEMORY: u64 = 4 << 20;
+/// Where in the file a field the shared checks named is; the app's name when
+/// the field was left out (a default broke a rule).
+fn span_of(raw: &RawApp, field: &Field) -> Range<usize> {
+    let span = |s: &Option<Spanned<String>>| s.as_ref().map(|s| s.span());
+    let res = raw.resources.as_ref();
+    let found = match field {
+        Field::Command => raw.command.as_ref().map(|c| c.span()),
+        Field::Env(k) => raw.env.keys().find(|s| s.get_ref() == k).map(|s| s.span()),
+        Field::Workdir => span(&raw.workdir),
+        Field::MountSource(i) => raw.mounts.get(*i).map(|m| m.get_ref().source.span()),
+        Field::MountTarget(i) => raw.mounts.get(*i).map(|m| m.get_ref().target.span()),
+        Field::Device(i) => raw.devices.get(*i).map(|d| d.span()),
+        Field::Cpus => res.and_then(|r| r.cpus.as_ref()).map(|c| c.span()),
+        Field::Memory => res.and_then(|r| span(&r.memory)),
+        Field::Pids => res.and_then(|r| r.pids.as_ref()).map(|p| p.span()),
+        Field::StopGrace => span(&raw.stop_grace),
+        Field::Probe(kind, f) => {
+            let p = match kind {
+                ProbeKind::Liveness => &raw.liveness,
+                ProbeKind::Readiness => &raw.readiness,
+                ProbeKind::Startup => &raw.startup,
+            };
+            p.as_ref().map(|p| {
+                let r = p.get_ref();
+                let int = |v: &Option<Spanned<i64>>| v.as_ref().map(|v| v.span());
+                let action = r
+                    .http
+                    .as_ref()
+                    .map(|h| h.span())
+                    .or_else(|| r.tcp.as_ref().map(|t| t.span()))
+                    .or_else(|| r.exec.as_ref().map(|e| e.span()));
+                let s = match f {
+                    ProbeField::Action => action,
+                    ProbeField::HttpPort => r.http.as_ref().map(|h| h.get_ref().port.span()),
+                    ProbeField::HttpPath => r.http.as_ref().map(|h| h.span()),
+                    ProbeField::TcpPort => r.tcp.as_ref().map(|t| t.get_ref().port.span()),
+                    ProbeField::Exec => r.exec.as_ref().map(|e| e.span()),
+                    ProbeField::Period => span(&r.period),
+                    ProbeField::Timeout => span(&r.timeout),
+                    ProbeField::InitialDelay => span(&r.initial_delay),
+                    ProbeField::FailureThreshold => int(&r.failure_threshold),
+                    ProbeField::SuccessThreshold => int(&r.success_threshold),
+                };
+                s.unwrap_or(p.span())
+            })
+        }
+    };
+    found.unwrap_or(raw.name.span())
+}
 
-fn validate_resources(cx: &mut Ctx, r: &RawResources, label: &str) -> Resources {
+fn convert_resources(cx: &mut Ctx, r: &RawResources, label: &str) -> Resources {
     let mut out = Resources::default();
     if let Some(c) = &r.cpus {
         let v = *c.get_ref();
-        if !(v.is_finite() && (0.01..=1024.0).contains(&v)) {
-            cx.err(
-                c.span(),
-                format!("{label}: resources.cpus"),
-                format!("{v} is not a number of cores between 0.01 and 1024"),
-            );
+        let millis = (v * 1000.0).round();
+        if v.is_finite() && (0.0..=f64::from(u32::MAX)).contains(&millis) {
+            out.cpu_millis = Some(millis as u32);
         } else {
-            out.cpu_millis = Some((v * 1000.0).round() as u32);
+            cx.err(c.span(), format!("{label}: resources.cpus"), cpus_message(v));
         }
     }
     if let Some(m) = &r.memory {
         match parse_bytes(m.get_ref()) {
-            Ok(b) if b < MIN_MEMORY => cx.err(
-                m.span(),
-                format!("{label}: resources.memory"),
-                format!("{:?} is below the minimum of 4Mi", m.get_ref()),
-            ),
             Ok(b) => out.memory_bytes = Some(b),
             Err(e) => cx.err(m.span(), format!("{label}: resources.memory"), e),
         }
     }
     if let Some(p) = &r.pids {
-        let v = *p.get_ref();
-        if !(1..=4_194_304).contains(&v) {
-            cx.err(p.span(), format!("{label}: resources.pids"), format!("{v} is not between 1 and 4194304"));
-        } else {
-            out.pids = Some(v as u32);
+        match u32::try_from(*p.get_ref()) {
+            Ok(v) => out.pids = Some(v),
+            Err(_) => cx.err(p.span(), format!("{label}: resources.pids"), range_message(p.get_ref(), &PIDS)),
         }
     }
     out
 }
 
-fn validate_probe(cx: &mut Ctx, p: &Spanned<RawProbe>, label: &str, network: NetworkMode) -> Option<Probe> {
+/// The probe's values as types; `None` when it has not exactly one action.
+fn convert_probe(cx: &mut Ctx, p: &Spanned<RawProbe>, label: &str) -> Option<Probe> {
     let raw = p.get_ref();
-    let before = cx.errors.len();
     let port = |cx: &mut Ctx, port: &Spanned<i64>, field: &str| -> u16 {
-        match u16::try_from(*port.get_ref()) {
-            Ok(v) if v > 0 => v,
-            _ => {
-                cx.err(
-                    port.span(),
-                    format!("{label}.{field}.port"),
-                    format!("{} is not a port (1-65535)", port.get_ref()),
-                );
-                0
-            }
-        }
+        u16::try_from(*port.get_ref()).unwrap_or_else(|_| {
+            cx.err(port.span(), format!("{label}.{field}.port"), port_message(port.get_ref()));
+            1
+        })
     };
     let mut actions = Vec::new();
     if let Some(h) = &raw.http {
         let port = port(cx, &h.get_ref().port, "http");
-        let path = h.get_ref().path.clone();
-        if !path.starts_with('/') || path.chars().any(|c| c.is_ascii_control() || c == ' ') {
-            cx.err(
-                h.span(),
-                format!("{label}.http.path"),
-                "must start with / and hold no spaces or control characters",
-            );
-        }
-        actions.push((h.span(), ProbeAction::Http { port, path }));
+        actions.push(ProbeAction::Http { port, path: h.get_ref().path.clone() });
     }
     if let Some(t) = &raw.tcp {
         let port = port(cx, &t.get_ref().port, "tcp");
-        actions.push((t.span(), ProbeAction::Tcp { port }));
+        actions.push(ProbeAction::Tcp { port });
     }
     if let Some(e) = &raw.exec {
-        if e.get_ref().is_empty() || e.get_ref()[0].is_empty() {
-            cx.err(e.span(), format!("{label}.exec"), "must name a program");
-        }
-        actions.push((e.span(), ProbeAction::Exec(e.get_ref().clone())));
+        actions.push(ProbeAction::Exec(e.get_ref().clone()));
     }
     if actions.len() != 1 {
         cx.err(p.span(), label.to_string(), "needs exactly one of http, tcp or exec");
         return None;
     }
-    let (span, action) = actions.pop()?;
-    if network == NetworkMode::None && !matches!(action, ProbeAction::Exec(_)) {
-        cx.err(
-            span,
-            label.to_string(),
-            "http and tcp probes cannot reach an app with network = \"none\"; use exec",
-        );
-    }
+    let action = actions.pop()?;
     let period = cx.duration(&raw.period, format!("{label}.period"), Probe::DEFAULT_PERIOD);
     // Unset, the timeout is 1s or the period when that is shorter.
     let timeout = cx.duration(&raw.timeout, format!("{label}.timeout"), Probe::DEFAULT_TIMEOUT.min(period));
     let initial_delay = cx.duration(&raw.initial_delay, format!("{label}.initial_delay"), Duration::ZERO);
-    if period < Duration::from_millis(100) {
-        let span = raw.period.as_ref().map(|s| s.span()).unwrap_or(p.span());
-        cx.err(span, format!("{label}.period"), "must be at least 100ms");
-    }
-    if timeout.is_zero() || timeout > period {
-        let span = raw.timeout.as_ref().map(|s| s.span()).unwrap_or(p.span());
-        cx.err(span, format!("{label}.timeout"), "must be above zero and at most the period");
-    }
     let threshold = |cx: &mut Ctx, v: &Option<Spanned<i64>>, field: &str, default: u32| match v {
         None => default,
-        Some(s) => match u32::try_from(*s.get_ref()) {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                cx.err(
-                    s.span(),
-                    format!("{label}.{field}"),
-                    format!("{} is not between 1 and 1000", s.get_ref()),
-                );
-                default
-            }
-        },
+        Some(s) => u32::try_from(*s.get_ref()).unwrap_or_else(|_| {
+            cx.err(s.span(), format!("{label}.{field}"), range_message(s.get_ref(), &THRESHOLD));
+            default
+        }),
     };
     let failure_threshold =
         threshold(cx, &raw.failure_threshold, "failure_threshold", Probe::DEFAULT_FAILURE_THRESHOLD);
     let success_threshold = threshold(cx, &raw.success_threshold, "success_threshold", 1);
-    if cx.errors.len() > before {
-        return None;
-    }
     Some(Probe { action, initial_delay, period, timeout, failure_threshold, success_threshold })
 }
 
@@ -576,6 +557,19 @@ exec = ["cat", "/tmp/ok"]
         )
         .unwrap();
         assert_eq!(s.apps[0].liveness.as_ref().unwrap().timeout, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn pull_policy_defaults_to_if_not_present() {
+        let base = "[[app]]\nname = \"a\"\nimage = \"b\"\n";
+        assert_eq!(parse(base).unwrap().apps[0].pull, PullPolicy::IfNotPresent);
+        for p in PullPolicy::ALL {
+            let s = parse(&format!("{base}pull = \"{}\"\n", p.as_str())).unwrap();
+            assert_eq!(s.apps[0].pull, p);
+        }
+        let e = one_error(&format!("{base}pull = \"sometimes\"\n"));
+        assert_eq!((e.line, e.column, e.field.as_str()), (4, 8, "app \"a\": pull"));
+        assert_eq!(e.message, "\"sometimes\" is not one of if-not-present, always, never");
     }
 
     #[test]

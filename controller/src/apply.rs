@@ -13,6 +13,7 @@ use crate::fleet;
 use crate::keys;
 use crate::localfile;
 use crate::mqtt::{random_client_id, BrokerArgs, Conn};
+use crate::resolve::{pin_images, ResolveArgs};
 use crate::show::unix_now;
 use crate::ConfigError;
 use anyhow::{bail, Context, Result};
@@ -47,6 +48,8 @@ pub struct ApplyArgs {
     generation: Option<u64>,
     #[command(flatten)]
     broker: BrokerArgs,
+    #[command(flatten)]
+    resolve: ResolveArgs,
 }
 
 pub async fn apply(args: ApplyArgs) -> Result<()> {
@@ -67,6 +70,9 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
     };
     let devices = targets(&args)?;
     let key = keys::read_secret(&args.key)?;
+    for p in pin_images(&args.resolve, &mut state).await? {
+        println!("app {}: {} pinned as {}", p.app, p.from, p.to);
+    }
 
     let mut conn = Conn::connect(&args.broker, random_client_id(), true).await?;
     let filters: Vec<String> =

@@ -19,6 +19,7 @@ mod keys;
 #[path = "../../agent/src/localfile.rs"]
 mod localfile;
 mod mqtt;
+mod resolve;
 mod show;
 mod status;
 

@@ -39,6 +39,8 @@ pub struct DeviceView {
     pub last_seen_unix: Option<u64>,
     pub apps: Vec<AppStatus>,
     pub last_rejection: Option<Rejection>,
+    /// Image pulls under way or failed on the device.
+    pub pulls: Vec<skiff_common::PullStatus>,
     /// Payloads that did not decode.
     pub problems: Vec<String>,
 }
@@ -82,6 +84,7 @@ pub async fn status(args: StatusArgs) -> Result<()> {
                     v.last_seen_unix = (r.sent_unix != 0).then_some(r.sent_unix);
                     v.apps = r.apps;
                     v.last_rejection = r.last_rejection;
+                    v.pulls = r.pulls;
                 }
                 Err(e) => v.problems.push(format!("reported: {e}")),
             },
@@ -146,6 +149,13 @@ fn render(views: &[DeviceView], now: u64) -> String {
         if let Some(r) = &v.last_rejection {
             let g = r.generation.map_or(String::new(), |g| format!(" generation {g}"));
             out.push_str(&format!("  {}: last refused{g}: {}\n", v.device, r.reason));
+        }
+        for p in &v.pulls {
+            let state = p.error.as_ref().map_or("pulling".to_string(), |e| format!("failed, retrying: {e}"));
+            out.push_str(&format!(
+                "  {}: pull {} {}/{} bytes, {state}\n",
+                v.device, p.image, p.done, p.total
+            ));
         }
         if let (Some(t), true) = (v.last_seen_unix, v.online == Some(false)) {
             out.push_str(&format!("  {}: offline, last report {}\n", v.device, utc(t)));

@@ -152,6 +152,7 @@ async fn keygen_apply_status_events() -> Result<()> {
         agent_version: "test".into(),
         last_rejection: None,
         sent_unix: 0,
+        pulls: Vec::new(),
     });
 
     // Status: retained messages only, read until the report is in.

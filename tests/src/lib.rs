@@ -5,4 +5,6 @@
 pub mod agent;
 pub mod bench_mqtt;
 pub mod board;
+pub mod fleet;
 pub mod mqtt;
+pub mod registry;

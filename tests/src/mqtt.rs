@@ -1,14 +1,17 @@
-//! A real mosquitto for the MQTT tests, set up the way a fleet should run it.
+//! A real mosquitto for the MQTT tests, run with the shipped config.
 //!
-//! `Broker::start` makes a throw-away directory with a CA, a server
-//! certificate for 127.0.0.1 and one client certificate per name (CN = the
-//! name), writes a config and an ACL, and starts mosquitto on two free
-//! loopback ports:
+//! `Broker::start` makes a throw-away directory with the two CAs the shipped
+//! `examples/mosquitto/mosquitto.conf` expects (`ca.crt`: the server
+//! certificate for 127.0.0.1 and one client certificate per device name, CN =
+//! the name; `controller-ca.crt`: the controller's certificate), copies that
+//! config and `skiff.acl` with only the ports and paths changed, and starts
+//! mosquitto on two free loopback ports:
 //! - the device listener (mTLS, `use_identity_as_username`,
 //!   `use_username_as_clientid`: a device can neither pose as another nor kick
 //!   it off by reusing its client id);
-//! - the controller listener (mTLS, identity as username, any client id, so
-//!   several `skiffctl` runs can be connected at once).
+//! - the controller listener (mTLS with the controller CA only, identity as
+//!   username, any client id, so several `skiffctl` runs can be connected at
+//!   once; no device certificate is admitted).
 //!
 //! The ACL confines each device to its own topics; `skiffctl` may read and
 //! write all of `skiff/v1/#`. The broker is stopped by its PID (SIGTERM, then
@@ -80,41 +83,52 @@ impl Broker {
         std::fs::read_to_string(self.dir().join("mosquitto.log")).unwrap_or_default()
     }
 
+    /// The shipped `examples/mosquitto/` config and ACL, with only what a
+    /// test needs changed: the listeners' ports (bound to 127.0.0.1), the
+    /// certificate, ACL and persistence paths (into the test directory), and
+    /// a log file (plus `user root` when run as root, so mosquitto can read
+    /// the directory). Every substitution must match, so a change to the
+    /// shipped files that the tests no longer cover fails here.
     fn write_config(&self) -> Result<()> {
         let d = self.dir();
-        let acl = "\
-# Devices (CN = device id = username = client id): their own topics only.
-pattern read skiff/v1/%u/desired
-pattern write skiff/v1/%u/reported
-pattern write skiff/v1/%u/events
-pattern write skiff/v1/%u/online
-
-user skiffctl
-topic readwrite skiff/v1/#
-";
-        std::fs::write(d.join("acl"), acl)?;
-        let tls = format!(
-            "cafile {ca}\ncertfile {crt}\nkeyfile {key}\nrequire_certificate true\nuse_identity_as_username true\n",
-            ca = d.join("ca.crt").display(),
-            crt = d.join("server.crt").display(),
-            key = d.join("server.key").display(),
-        );
+        let shipped = crate::agent::repo().join("examples/mosquitto");
+        std::fs::copy(shipped.join("skiff.acl"), d.join("skiff.acl")).context("shipped skiff.acl")?;
+        let mut conf =
+            std::fs::read_to_string(shipped.join("mosquitto.conf")).context("shipped mosquitto.conf")?;
+        let dir = format!("{}/", d.display());
+        let subs = [
+            ("listener 8883\n", format!("listener {} 127.0.0.1\n", self.device_port)),
+            ("listener 8884\n", format!("listener {} 127.0.0.1\n", self.controller_port)),
+            ("/etc/mosquitto/certs/", dir.clone()),
+            ("/etc/mosquitto/", dir.clone()),
+            ("/var/lib/mosquitto/", dir),
+        ];
+        for (from, to) in subs {
+            if !conf.contains(from) {
+                bail!("the shipped mosquitto.conf no longer holds {from:?}; update tests/src/mqtt.rs");
+            }
+            conf = conf.replace(from, &to);
+        }
+        if let Some(line) = conf.lines().find(|l| l.contains("/etc/") || l.contains("/var/")) {
+            bail!("the shipped mosquitto.conf has a path the tests do not redirect: {line}");
+        }
         let user = if nix::unistd::geteuid().is_root() { "user root\n" } else { "" };
-        let conf = format!(
-            "{user}per_listener_settings false\nallow_anonymous false\nacl_file {acl}\n\
-             persistence true\npersistence_location {dir}/\n\
-             log_dest file {log}\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
-             connection_messages true\n\
-             listener {dp} 127.0.0.1\n{tls}use_username_as_clientid true\n\
-             listener {cp} 127.0.0.1\n{tls}",
-            acl = d.join("acl").display(),
-            dir = d.display(),
-            log = d.join("mosquitto.log").display(),
-            dp = self.device_port,
-            cp = self.controller_port,
+        let log = format!(
+            "{user}log_dest file {}\nlog_type error\nlog_type warning\nlog_type notice\n\
+             log_type information\nconnection_messages true\n",
+            d.join("mosquitto.log").display()
         );
-        std::fs::write(d.join("mosquitto.conf"), conf)?;
+        std::fs::write(d.join("mosquitto.conf"), format!("{log}{conf}"))?;
         Ok(())
+    }
+
+    /// The value of `option` in the config the broker runs (the shipped one).
+    pub fn config_value(&self, option: &str) -> Option<String> {
+        let conf = std::fs::read_to_string(self.dir().join("mosquitto.conf")).ok()?;
+        conf.lines().find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(option)).then(|| words.collect::<Vec<_>>().join(" "))
+        })
     }
 
     fn run(&mut self) -> Result<()> {
@@ -181,7 +195,8 @@ topic readwrite skiff/v1/#
     pub fn options(&self, name: &str, client_id: &str, port: u16) -> Result<MqttOptions> {
         let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
         o.set_keep_alive(Duration::from_secs(5));
-        o.set_max_packet_size(1 << 20, 1 << 20);
+        // Large enough to send what the broker must refuse.
+        o.set_max_packet_size(4 << 20, 4 << 20);
         o.set_transport(Transport::tls(
             std::fs::read(self.ca())?,
             Some((std::fs::read(self.cert(name))?, std::fs::read(self.key(name))?)),
@@ -395,38 +410,43 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A P-256 CA, a server certificate for 127.0.0.1 and one client certificate
-/// per name (plus the controller), all valid for two days.
+/// Two P-256 CAs as the shipped config wants them: `ca.crt` signs the
+/// server certificate (for 127.0.0.1) and one client certificate per device
+/// name; `controller-ca.crt` signs the controller's. All valid for two days.
 fn make_certs(dir: &Path, clients: &[&str]) -> Result<()> {
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=skiff-test-ca",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    openssl(dir, &ca)?;
+    for (name, cn) in [("ca", "skiff-test-ca"), ("controller-ca", "skiff-test-controller-ca")] {
+        let (key, crt, subj) = (format!("{name}.key"), format!("{name}.crt"), format!("/CN={cn}"));
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-subj",
+            &subj,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(dir, &ca)?;
+    }
     std::fs::write(
         dir.join("server.ext"),
         "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
     )?;
     std::fs::write(dir.join("client.ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")?;
-    let mut names: Vec<(&str, &str)> = vec![("server", "server.ext")];
-    names.extend(clients.iter().map(|c| (*c, "client.ext")));
-    names.push((CONTROLLER, "client.ext"));
-    for (name, ext) in names {
+    let mut names: Vec<(&str, &str, &str)> = vec![("server", "server.ext", "ca")];
+    names.extend(clients.iter().map(|c| (*c, "client.ext", "ca")));
+    names.push((CONTROLLER, "client.ext", "controller-ca"));
+    for (name, ext, ca) in names {
         let (key, csr, crt, subj) =
             (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("/CN={name}"));
+        let (ca_crt, ca_key) = (format!("{ca}.crt"), format!("{ca}.key"));
         let mut req = vec!["req"];
         req.extend(ec);
         req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
@@ -439,9 +459,9 @@ fn make_certs(dir: &Path, clients: &[&str]) -> Result<()> {
                 "-in",
                 &csr,
                 "-CA",
-                "ca.crt",
+                &ca_crt,
                 "-CAkey",
-                "ca.key",
+                &ca_key,
                 "-CAcreateserial",
                 "-days",
                 "2",

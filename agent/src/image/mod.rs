@@ -4,9 +4,12 @@
 //! ```text
 //! <dir>/                       (the agent uses <state_dir>/images)
 //!   refs.json                  {"version":1,"refs":{ref -> manifest digest},"images":{digest -> platform, size}}
+//!                              version 2 adds "indexes":{multi-arch index digest -> manifest digest}
 //!   blobs/sha256/<hex>         verified manifests, configs and layers of stored images
 //!   rootfs/<manifest-hex>/     the flattened rootfs; complete whenever it exists; never written after
-//!   tmp/                       work in progress; emptied by the next load or remove
+//!   tmp/                       work in progress; emptied by the next load, pull or remove
+//!   partial/<hex>              downloads in progress, kept across restarts and reboots to
+//!                              resume; moved into blobs/ once verified (counted in disk use)
 //!   lock                       flock: one load or remove at a time, across processes
 //! ```
 //! Invariants: a blob or rootfs becomes visible (is renamed into place) only once it is
@@ -19,15 +22,17 @@
 mod cli;
 mod mount;
 mod oci;
+mod pull;
 mod source;
 mod store;
 #[cfg(test)]
 mod tests;
 mod unpack;
 
-pub use cli::{cli_load, cli_ls};
+pub use cli::{cli_check, cli_load, cli_ls, cli_pull, parse_rate, PullConfig};
 pub use mount::{mount_rootfs, unmount_rootfs};
-pub use store::ImageStore;
+pub use pull::{pull, PullError, PullPolicy, PullProgress};
+pub use store::{CheckReport, DiskUsage, GcReport, ImageStore};
 
 use serde::Serialize;
 use std::io;
@@ -77,7 +82,7 @@ pub enum ImageError {
     Unsupported(String),
     #[error("malformed digest {0:?}")]
     BadDigest(String),
-    #[error("blob {0} is missing from the image layout")]
+    #[error("blob {0} is missing (from the image layout, or not downloaded)")]
     Missing(String),
     #[error("reading blob {digest}: {source}")]
     Blob { digest: String, source: io::Error },
@@ -95,10 +100,37 @@ pub enum ImageError {
     Corrupt { path: PathBuf, reason: String },
     #[error("mounting {path}: {source}")]
     Mount { path: PathBuf, source: nix::Error },
+    #[error(
+        "no space left on the device of the image store writing {path}: free space (`skiff image rm`, \
+         or let the agent collect unused images) or move --state-dir; nothing half-written was kept"
+    )]
+    NoSpace { path: PathBuf },
+    #[error(
+        "{what} needs {more} more bytes but the image store holds {used} of its {budget}-byte budget \
+         (--image-budget): remove images with `skiff image rm` or raise the budget"
+    )]
+    Budget { what: String, used: u64, more: u64, budget: u64 },
 }
 
 impl ImageError {
     fn io(path: impl AsRef<Path>, source: io::Error) -> Self {
+        if is_no_space(&source) {
+            return ImageError::NoSpace { path: path.as_ref().to_path_buf() };
+        }
         ImageError::Io { path: path.as_ref().to_path_buf(), source }
     }
+
+    /// Whether this error is the disk running full.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            ImageError::NoSpace { .. } => true,
+            ImageError::Io { source, .. } | ImageError::Blob { source, .. } => is_no_space(source),
+            _ => false,
+        }
+    }
+}
+
+/// ENOSPC, or EDQUOT (a quota is the same to the store: no room).
+pub(crate) fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(c) if c == nix::errno::Errno::ENOSPC as i32 || c == nix::errno::Errno::EDQUOT as i32)
 }

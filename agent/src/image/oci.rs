@@ -14,8 +14,10 @@ pub const INDEX_OCI: &str = "application/vnd.oci.image.index.v1+json";
 pub const INDEX_DOCKER: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MANIFEST_OCI: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MANIFEST_DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const CONFIG_TYPES: &[&str] =
-    &["application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"];
+pub const CONFIG_OCI: &str = "application/vnd.oci.image.config.v1+json";
+const CONFIG_TYPES: &[&str] = &[CONFIG_OCI, "application/vnd.docker.container.image.v1+json"];
+pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const ANN_REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// containerd and nerdctl put the full reference here and only the tag in ref.name.
 pub const ANN_CONTAINERD_NAME: &str = "io.containerd.image.name";
@@ -42,7 +44,7 @@ impl Descriptor {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Index {
     pub schema_version: u32,
@@ -136,6 +138,7 @@ fn check_header(version: u32, own: Option<&str>, desc: Option<&str>, what: &str)
 pub enum Compression {
     None,
     Gzip,
+    Zstd,
 }
 
 pub fn layer_compression(media_type: &str) -> Result<Compression, ImageError> {
@@ -146,6 +149,9 @@ pub fn layer_compression(media_type: &str) -> Result<Compression, ImageError> {
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
         | "application/vnd.docker.image.rootfs.diff.tar.gzip"
         | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Ok(Compression::Gzip),
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Ok(Compression::Zstd),
         other => Err(ImageError::Unsupported(format!("layer media type {other:?}"))),
     }
 }

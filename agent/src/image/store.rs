@@ -17,12 +17,18 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 const REFS: &str = "refs.json";
-const REFS_VERSION: u32 = 1;
+/// Version 2 adds `indexes`; a store that pinned no index by digest is still written as
+/// version 1, so the previous release keeps reading it.
+const REFS_VERSION: u32 = 2;
+const REFS_VERSION_PLAIN: u32 = 1;
 const REFS_LIMIT: u64 = 4 << 20;
 
+#[derive(Debug, Clone)]
 pub struct ImageStore {
     dir: PathBuf,
     platform: Platform,
+    /// Bytes the store (blobs, rootfs, partial downloads) may take; None: no limit.
+    budget: Option<u64>,
 }
 
 /// refs.json. Every key parses as an `ImageRef`; every value is a key of `images`.
@@ -32,6 +38,11 @@ struct Refs {
     version: u32,
     refs: BTreeMap<String, String>,
     images: BTreeMap<String, ImageMeta>,
+    /// Multi-arch index digest -> the manifest digest picked from it for this platform, so
+    /// that `name@<index digest>` (what a controller pins) resolves. Every value is a key
+    /// of `images`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    indexes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,10 +55,30 @@ struct ImageMeta {
 impl ImageStore {
     /// Opens (creating if needed) the store rooted at `dir`.
     pub fn open(dir: &Path) -> Result<ImageStore, ImageError> {
-        for d in [dir.to_path_buf(), dir.join("blobs/sha256"), dir.join("rootfs"), dir.join("tmp")] {
+        for d in [
+            dir.to_path_buf(),
+            dir.join("blobs/sha256"),
+            dir.join("rootfs"),
+            dir.join("tmp"),
+            dir.join(PARTIAL),
+        ] {
             fs::create_dir_all(&d).map_err(|e| ImageError::io(&d, e))?;
         }
-        Ok(ImageStore { dir: dir.to_path_buf(), platform: Platform::host() })
+        Ok(ImageStore { dir: dir.to_path_buf(), platform: Platform::host(), budget: None })
+    }
+
+    /// Limits what pulls may grow the store to (see [`ImageStore::disk_usage`]).
+    pub fn with_budget(mut self, budget: Option<u64>) -> ImageStore {
+        self.budget = budget;
+        self
+    }
+
+    pub fn budget(&self) -> Option<u64> {
+        self.budget
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// A store that picks `platform` instead of the host's (tests of foreign images).
@@ -83,11 +114,7 @@ impl ImageStore {
     /// in the store with that manifest digest answers, whatever it was loaded as).
     pub fn resolve(&self, r: &ImageRef) -> Result<ResolvedImage, ImageError> {
         let refs = self.read_refs()?;
-        let digest = match r.digest() {
-            Some(d) => refs.images.get_key_value(d).map(|(k, _)| k),
-            None => refs.refs.get(&key(r)),
-        }
-        .ok_or_else(|| ImageError::NotFound(r.to_string()))?;
+        let digest = stored_digest(&refs, r).ok_or_else(|| ImageError::NotFound(r.to_string()))?;
         let rootfs = self.rootfs_path(digest)?;
         if !rootfs.is_dir() {
             return Err(ImageError::Corrupt {
@@ -119,7 +146,10 @@ impl ImageStore {
         let old = self.read_refs()?;
         let mut refs = old.clone();
         match r.digest() {
-            Some(d) => refs.refs.retain(|k, v| !(v == d && ref_name(k) == r.name())),
+            Some(d) => {
+                let d = refs.indexes.get(d).cloned().unwrap_or_else(|| d.to_string());
+                refs.refs.retain(|k, v| !(*v == d && ref_name(k) == r.name()));
+            }
             None => {
                 refs.refs.remove(&key(r));
             }
@@ -127,15 +157,280 @@ impl ImageStore {
         if refs == old {
             return Err(ImageError::NotFound(r.to_string()));
         }
-        let used: HashSet<String> = refs.refs.values().cloned().collect();
-        refs.images.retain(|d, _| used.contains(d));
+        prune_images(&mut refs);
         self.write_refs(&refs, &old)?;
         self.collect(&refs)
     }
 
+    /// Removes every image that no reference in `keep` names (by tag, or by manifest or
+    /// index digest), then every blob, rootfs and finished partial download that no
+    /// remaining image needs. The daemon passes the images of the current and previous
+    /// desired-state generations. Partial downloads of blobs not yet stored are kept:
+    /// they may belong to a pull in progress, and resuming them is the point.
+    pub fn gc(&self, keep: &[ImageRef]) -> Result<GcReport, ImageError> {
+        let _lock = self.lock()?;
+        let before = self.disk_usage()?;
+        let old = self.read_refs()?;
+        let kept: HashSet<&String> = keep.iter().filter_map(|r| stored_digest(&old, r)).collect();
+        let mut refs = old.clone();
+        let mut removed: Vec<String> = Vec::new();
+        refs.refs.retain(|k, d| {
+            let keep = kept.contains(d);
+            if !keep {
+                removed.push(k.clone());
+            }
+            keep
+        });
+        prune_images(&mut refs);
+        self.write_refs(&refs, &old)?;
+        self.collect(&refs)?;
+        for e in read_dir(&self.dir.join(PARTIAL))? {
+            if self.dir.join("blobs/sha256").join(file_name(&e)).is_file() {
+                remove(&e)?;
+            }
+        }
+        let after = self.disk_usage()?;
+        for r in &removed {
+            tracing::info!(image = %r, "image collected");
+        }
+        Ok(GcReport {
+            removed,
+            kept: refs.refs.keys().cloned().collect(),
+            freed: before.total.saturating_sub(after.total),
+            usage: after,
+        })
+    }
+
+    /// What the store takes on disk: stored blobs, unpacked rootfs (as recorded when each
+    /// was unpacked) and partial downloads. Cheap: no tree walk.
+    pub fn disk_usage(&self) -> Result<DiskUsage, ImageError> {
+        let refs = self.read_refs()?;
+        let rootfs = refs.images.values().fold(0u64, |a, m| a.saturating_add(m.size));
+        let blobs = dir_bytes(&self.dir.join("blobs/sha256"))?;
+        let partial = dir_bytes(&self.dir.join(PARTIAL))?;
+        let total = blobs.saturating_add(rootfs).saturating_add(partial);
+        Ok(DiskUsage { blobs, rootfs, partial, total, budget: self.budget })
+    }
+
+    /// Fails when `more` bytes on top of what the store holds would exceed the budget.
+    pub fn check_budget(&self, what: &str, more: u64) -> Result<(), ImageError> {
+        let Some(budget) = self.budget else { return Ok(()) };
+        let used = self.disk_usage()?.total;
+        if used.saturating_add(more) > budget {
+            return Err(ImageError::Budget { what: what.to_string(), used, more, budget });
+        }
+        Ok(())
+    }
+
+    /// Checks the whole store without changing it: refs.json parses and is consistent,
+    /// every image's manifest, config and layers are stored and hash to their digests, and
+    /// every image has its rootfs. Garbage (unreferenced blobs, leftovers in tmp/) is
+    /// counted, not a problem: the next collection removes it.
+    pub fn check(&self) -> Result<CheckReport, ImageError> {
+        let _lock = self.lock()?;
+        let mut report = CheckReport::default();
+        let refs = match self.read_refs() {
+            Ok(r) => r,
+            Err(e) => {
+                report.problems.push(e.to_string());
+                return Ok(report.done());
+            }
+        };
+        report.references = refs.refs.len();
+        report.images = refs.images.len();
+        let mut needed: HashSet<String> = HashSet::new();
+        for d in refs.images.keys() {
+            let mut problem = |p: String| report.problems.push(format!("image {d}: {p}"));
+            match self.rootfs_path(d) {
+                Ok(p) if p.is_dir() => {}
+                Ok(p) => problem(format!("rootfs {} is missing", p.display())),
+                Err(e) => problem(e.to_string()),
+            }
+            let manifest: Manifest = match self.stored_desc(d).and_then(|desc| self.read_blob(&desc)) {
+                Ok(m) => m,
+                Err(e) => {
+                    problem(format!("manifest: {e}"));
+                    continue;
+                }
+            };
+            needed.insert(d.clone());
+            for desc in std::iter::once(&manifest.config).chain(&manifest.layers) {
+                if !needed.insert(desc.digest.clone()) {
+                    continue;
+                }
+                let verified = self.blob_path(desc).and_then(|p| {
+                    let f = File::open(&p).map_err(|e| ImageError::io(&p, e))?;
+                    oci::Verifying::new(f).finish(&desc.digest, Some(desc.size))
+                });
+                if let Err(e) = verified {
+                    problem(format!("blob {}: {e}", desc.digest));
+                }
+            }
+        }
+        for e in read_dir(&self.dir.join("blobs/sha256"))? {
+            report.blobs += 1;
+            if !needed.contains(&format!("sha256:{}", file_name(&e))) {
+                report.unreferenced_blobs += 1;
+            }
+        }
+        for e in read_dir(&self.dir.join(PARTIAL))? {
+            report.partial_downloads += 1;
+            if oci::digest_hex(&format!("sha256:{}", file_name(&e))).is_err() {
+                report.problems.push(format!("{}: not a download of a sha256 blob", e.display()));
+            }
+        }
+        report.leftovers = read_dir(&self.dir.join("tmp"))?.len();
+        report.usage = Some(self.disk_usage()?);
+        Ok(report.done())
+    }
+
+    /// Where the download of `digest` goes (and stays across restarts until it is stored).
+    pub fn partial_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        Ok(self.dir.join(PARTIAL).join(oci::digest_hex(digest)?))
+    }
+
+    /// Whether a blob is stored (with the right size; its content is verified on read).
+    pub(super) fn has_blob(&self, desc: &Descriptor) -> bool {
+        self.blob_path(desc).is_ok_and(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() == desc.size))
+    }
+
+    /// What the store holds under `r` (by tag, or by manifest or index digest), if it
+    /// holds it unpacked.
+    pub fn info(&self, r: &ImageRef) -> Result<Option<ImageInfo>, ImageError> {
+        let refs = self.read_refs()?;
+        let Some(digest) = stored_digest(&refs, r) else { return Ok(None) };
+        if !self.rootfs_path(digest)?.is_dir() {
+            return Ok(None);
+        }
+        let k = key(r);
+        let reference = match refs.refs.get(&k) {
+            Some(d) if d == digest => k,
+            _ => refs.refs.iter().find(|(_, d)| *d == digest).map(|(k, _)| k.clone()).unwrap_or(k),
+        };
+        info(&refs, &reference, digest).map(Some)
+    }
+
+    /// Whether `r` names a stored, unpacked image.
+    pub fn contains(&self, r: &ImageRef) -> bool {
+        self.resolve(r).is_ok()
+    }
+
+    /// Stores a pulled image: `manifest` is the manifest's bytes (whose digest this
+    /// checks), and its config and layers are either stored blobs or complete downloads
+    /// in `partial/`. Unpacks like `load`; a partial download becomes a blob only once
+    /// unpacking verified it (or, when the rootfs exists already, after hashing it), is
+    /// fsynced and renamed. Records `reference` (and `index`, the multi-arch index digest
+    /// the manifest was picked from) in refs.json. On error nothing new is named, and the
+    /// partial downloads stay for the next attempt.
+    pub(super) fn import_pulled(
+        &self,
+        reference: &ImageRef,
+        index: Option<&str>,
+        mdesc: &Descriptor,
+        manifest: &[u8],
+    ) -> Result<ImageInfo, ImageError> {
+        let _lock = self.lock()?;
+        let res = self.import_pulled_locked(reference, index, mdesc, manifest);
+        for e in read_dir(&self.dir.join("tmp")).unwrap_or_default() {
+            if let Err(err) = remove(&e) {
+                tracing::warn!(%err, "cleaning up after a pull");
+            }
+        }
+        res
+    }
+
+    fn import_pulled_locked(
+        &self,
+        reference: &ImageRef,
+        index: Option<&str>,
+        mdesc: &Descriptor,
+        manifest: &[u8],
+    ) -> Result<ImageInfo, ImageError> {
+        if let Some(i) = index {
+            oci::digest_hex(i)?;
+        }
+        self.put_blob(mdesc, manifest)?;
+        let old = self.read_refs()?;
+        let mut refs = old.clone();
+        let stored = refs
+            .images
+            .get(&mdesc.digest)
+            .filter(|_| self.rootfs_path(&mdesc.digest).is_ok_and(|p| p.is_dir()));
+        let meta = match stored {
+            Some(m) => m.clone(),
+            None => self.import(None, mdesc)?,
+        };
+        let digest = mdesc.digest.clone();
+        refs.images.insert(digest.clone(), meta);
+        if let Some(i) = index {
+            refs.indexes.insert(i.to_string(), digest.clone());
+        }
+        let name = key(reference);
+        match reference.digest() {
+            // A pin is kept as written (`name@<index or manifest digest>`), so `ls` shows
+            // it even when a tag names the same image.
+            Some(_) => {
+                refs.refs.insert(name.clone(), digest.clone());
+            }
+            None => set_ref(&mut refs, &name, &digest),
+        }
+        self.write_refs(&refs, &old)?;
+        let info = info(&refs, &name, &digest)?;
+        tracing::info!(image = %info.reference, digest = %info.digest, platform = %info.platform, "image pulled");
+        Ok(info)
+    }
+
+    /// Writes a blob held in memory (a pulled manifest): verified, fsynced, renamed.
+    fn put_blob(&self, desc: &Descriptor, bytes: &[u8]) -> Result<(), ImageError> {
+        oci::Verifying::new(bytes).finish(&desc.digest, Some(desc.size))?;
+        if self.has_blob(desc) {
+            return Ok(());
+        }
+        let dst = self.blob_path(desc)?;
+        let tmp = self.dir.join("tmp").join(format!("blob-{}", desc.hex()?));
+        let written = File::create(&tmp).and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            remove(&tmp)?;
+            return Err(ImageError::io(&tmp, e));
+        }
+        fs::rename(&tmp, &dst).map_err(|e| ImageError::io(&dst, e))?;
+        sync_dir(dst.parent().unwrap_or(&self.dir))
+    }
+
+    /// Moves a complete download from partial/ into blobs/ (hashing it first unless the
+    /// caller just verified it), fsynced, then the directory. A download that fails
+    /// verification is deleted: resuming it could only fail again.
+    fn commit_partial(&self, desc: &Descriptor, verified: bool) -> Result<(), ImageError> {
+        let src = self.partial_path(&desc.digest)?;
+        let f = File::open(&src).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ImageError::Missing(desc.digest.clone()),
+            _ => ImageError::io(&src, e),
+        })?;
+        if !verified {
+            if let Err(e) = oci::Verifying::new(&f).finish(&desc.digest, Some(desc.size)) {
+                if matches!(e, ImageError::Mismatch { .. }) {
+                    remove(&src)?;
+                }
+                return Err(e);
+            }
+        }
+        f.sync_all().map_err(|e| ImageError::io(&src, e))?;
+        let dst = self.blob_path(desc)?;
+        fs::rename(&src, &dst).map_err(|e| ImageError::io(&dst, e))?;
+        sync_dir(dst.parent().unwrap_or(&self.dir))
+    }
+
     fn load_locked(&self, path: &Path, name: Option<&ImageRef>) -> Result<Vec<ImageInfo>, ImageError> {
         let src = Source::open(path)?;
-        let index = src.index()?;
+        let mut index = src.index()?;
+        if name.is_some() {
+            // One image under several names (a docker save with two RepoTags) is one image.
+            let mut seen = HashSet::new();
+            index.manifests.retain(|d| seen.insert(d.digest.clone()));
+        }
         let layout_err = |reason: String| ImageError::Layout { path: path.to_path_buf(), reason };
         if index.manifests.is_empty() {
             return Err(layout_err("index.json lists no images".into()));
@@ -168,7 +463,7 @@ impl ImageStore {
                 .filter(|_| self.rootfs_path(&mdesc.digest).is_ok_and(|p| p.is_dir()));
             let meta = match stored {
                 Some(meta) => meta.clone(),
-                None => self.import(&src, &mdesc)?,
+                None => self.import(Some(&src), &mdesc)?,
             };
             let digest = mdesc.digest.clone();
             refs.images.insert(digest.clone(), meta);
@@ -212,12 +507,19 @@ impl ImageStore {
         }
     }
 
-    /// Stores the manifest's blobs and unpacks its rootfs (unless already there).
-    fn import(&self, src: &Source, mdesc: &Descriptor) -> Result<ImageMeta, ImageError> {
-        self.fetch(src, mdesc)?;
+    /// Stores the manifest's blobs and unpacks its rootfs (unless already there). Blobs
+    /// come from the layout `src`, or, without one (a pull), from blobs/ or partial/.
+    fn import(&self, src: Option<&Source>, mdesc: &Descriptor) -> Result<ImageMeta, ImageError> {
+        if let Some(src) = src {
+            self.fetch(src, mdesc)?;
+        }
         let manifest: Manifest = self.read_blob(mdesc)?;
         manifest.check(&mdesc.media_type, &mdesc.digest)?;
-        self.fetch(src, &manifest.config)?;
+        match src {
+            Some(src) => self.fetch(src, &manifest.config)?,
+            None if self.has_blob(&manifest.config) => {}
+            None => self.commit_partial(&manifest.config, false)?,
+        }
         let config: Config = self.read_blob(&manifest.config)?;
         let platform = Platform { architecture: config.architecture, os: config.os, variant: config.variant };
         if !self.platform.runs(&platform) {
@@ -232,12 +534,32 @@ impl ImageStore {
                 manifest.config.digest
             )));
         }
+        // Layers still in partial/ (a pull): committed once verified.
+        let mut pending: Vec<&Descriptor> = Vec::new();
         for layer in &manifest.layers {
-            self.fetch(src, layer)?;
+            match src {
+                Some(src) => self.fetch(src, layer)?,
+                None if self.has_blob(layer) => {}
+                None if self.partial_path(&layer.digest)?.is_file() => pending.push(layer),
+                None => return Err(ImageError::Missing(layer.digest.clone())),
+            }
         }
         let rootfs = self.rootfs_path(&mdesc.digest)?;
-        if !rootfs.is_dir() {
-            self.unpack(&manifest, &config.rootfs.diff_ids, &rootfs)?;
+        let unpacked = !rootfs.is_dir();
+        if unpacked {
+            if let Err(e) = self.unpack(&manifest, &config.rootfs.diff_ids, &rootfs) {
+                // A download that does not match its digest cannot be resumed into one.
+                if let ImageError::Mismatch { digest, .. } = &e {
+                    if pending.iter().any(|l| l.digest == *digest) {
+                        remove(&self.partial_path(digest)?)?;
+                    }
+                }
+                return Err(e);
+            }
+        }
+        for layer in pending {
+            // apply_layer checked digest and size of the very bytes it unpacked.
+            self.commit_partial(layer, unpacked)?;
         }
         Ok(ImageMeta { platform: platform.to_string(), size: unpack::tree_size(&rootfs)? })
     }
@@ -249,7 +571,9 @@ impl ImageStore {
         fs::create_dir(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
         fs::set_permissions(&tmp, Permissions::from_mode(0o755)).map_err(|e| ImageError::io(&tmp, e))?;
         let built = manifest.layers.iter().zip(diff_ids).try_for_each(|(layer, diff_id)| {
-            unpack::apply_layer(&tmp, &self.blob_path(layer)?, layer, diff_id)
+            let path =
+                if self.has_blob(layer) { self.blob_path(layer)? } else { self.partial_path(&layer.digest)? };
+            unpack::apply_layer(&tmp, &path, layer, diff_id)
         });
         if let Err(e) = built {
             remove(&tmp)?;
@@ -355,7 +679,12 @@ impl ImageStore {
         let f = match File::open(&p) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok(Refs { version: REFS_VERSION, refs: BTreeMap::new(), images: BTreeMap::new() })
+                return Ok(Refs {
+                    version: REFS_VERSION,
+                    refs: BTreeMap::new(),
+                    images: BTreeMap::new(),
+                    indexes: BTreeMap::new(),
+                })
             }
             Err(e) => return Err(ImageError::io(&p, e)),
         };
@@ -366,8 +695,17 @@ impl ImageStore {
             return Err(corrupt(format!("over {REFS_LIMIT} bytes")));
         }
         let refs: Refs = serde_json::from_slice(&buf).map_err(|e| corrupt(e.to_string()))?;
-        if refs.version != REFS_VERSION {
-            return Err(corrupt(format!("version {} (this build reads {REFS_VERSION})", refs.version)));
+        if refs.version != REFS_VERSION && refs.version != REFS_VERSION_PLAIN {
+            return Err(corrupt(format!(
+                "version {} (this build reads {REFS_VERSION_PLAIN} and {REFS_VERSION})",
+                refs.version
+            )));
+        }
+        if let Some((r, d)) = refs.refs.iter().find(|(_, d)| !refs.images.contains_key(*d)) {
+            return Err(corrupt(format!("{r} points at unknown image {d}")));
+        }
+        if let Some((i, d)) = refs.indexes.iter().find(|(_, d)| !refs.images.contains_key(*d)) {
+            return Err(corrupt(format!("index {i} points at unknown image {d}")));
         }
         Ok(refs)
     }
@@ -379,11 +717,19 @@ impl ImageStore {
         }
         let p = self.dir.join(REFS);
         let tmp = self.dir.join("tmp").join(REFS);
+        let mut out = refs.clone();
+        out.version = if out.indexes.is_empty() { REFS_VERSION_PLAIN } else { REFS_VERSION };
         let mut bytes =
-            serde_json::to_vec_pretty(refs).map_err(|e| ImageError::Json { what: REFS.into(), source: e })?;
+            serde_json::to_vec_pretty(&out).map_err(|e| ImageError::Json { what: REFS.into(), source: e })?;
         bytes.push(b'\n');
-        let mut f = File::create(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
-        f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(|e| ImageError::io(&tmp, e))?;
+        let written = File::create(&tmp).and_then(|mut f| {
+            f.write_all(&bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            remove(&tmp)?;
+            return Err(ImageError::io(&tmp, e));
+        }
         fs::rename(&tmp, &p).map_err(|e| ImageError::io(&p, e))?;
         sync_dir(&self.dir)
     }
@@ -479,4 +825,81 @@ fn file_name(p: &Path) -> String {
 
 fn sync_dir(dir: &Path) -> Result<(), ImageError> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(|e| ImageError::io(dir, e))
+}
+
+const PARTIAL: &str = "partial";
+
+/// What `ImageStore::gc` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GcReport {
+    /// References dropped (their images went unless another kept reference names them).
+    pub removed: Vec<String>,
+    /// References still in the store.
+    pub kept: Vec<String>,
+    /// Bytes freed on disk (blobs, rootfs, finished partial downloads).
+    pub freed: u64,
+    pub usage: DiskUsage,
+}
+
+/// Bytes the store takes, by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DiskUsage {
+    pub blobs: u64,
+    pub rootfs: u64,
+    /// Downloads in progress (kept across restarts to resume).
+    pub partial: u64,
+    pub total: u64,
+    pub budget: Option<u64>,
+}
+
+/// The manifest digest `r` names in `refs`: by tag, or by manifest or index digest
+/// (content counts, so the name of a digest reference does not matter).
+fn stored_digest<'a>(refs: &'a Refs, r: &ImageRef) -> Option<&'a String> {
+    match r.digest() {
+        Some(d) => refs.images.get_key_value(d).map(|(k, _)| k).or_else(|| refs.indexes.get(d)),
+        None => refs.refs.get(&key(r)),
+    }
+}
+
+/// Drops images no reference names, and index entries that lead to them.
+fn prune_images(refs: &mut Refs) {
+    let used: HashSet<String> = refs.refs.values().cloned().collect();
+    refs.images.retain(|d, _| used.contains(d));
+    refs.indexes.retain(|_, d| used.contains(d));
+}
+
+/// Bytes of the regular files directly in `dir`.
+fn dir_bytes(dir: &Path) -> Result<u64, ImageError> {
+    let mut total = 0u64;
+    for e in read_dir(dir)? {
+        let m = fs::symlink_metadata(&e).map_err(|err| ImageError::io(&e, err))?;
+        if m.is_file() {
+            total = total.saturating_add(m.len());
+        }
+    }
+    Ok(total)
+}
+
+/// What `ImageStore::check` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CheckReport {
+    pub ok: bool,
+    /// Each inconsistency, naming the image, blob or file.
+    pub problems: Vec<String>,
+    pub references: usize,
+    pub images: usize,
+    pub blobs: usize,
+    /// Blobs no image needs (collected by the next `rm`, `load` or garbage collection).
+    pub unreferenced_blobs: usize,
+    pub partial_downloads: usize,
+    /// Entries left in tmp/ by an interrupted load or pull (removed by the next one).
+    pub leftovers: usize,
+    pub usage: Option<DiskUsage>,
+}
+
+impl CheckReport {
+    fn done(mut self) -> CheckReport {
+        self.ok = self.problems.is_empty();
+        self
+    }
 }

@@ -1,7 +1,7 @@
 //! Store tests on small layouts built here, plus one on the real busybox image that
 //! images/build.sh makes.
 
-use super::oci::{Platform, ANN_REF_NAME, INDEX_OCI, MANIFEST_OCI};
+use super::oci::{self, Platform, ANN_REF_NAME, INDEX_OCI, MANIFEST_OCI};
 use super::*;
 use flate2::write::GzEncoder;
 use serde_json::{json, Value};
@@ -95,14 +95,34 @@ impl Layout {
 
     /// A manifest descriptor (with platform) for an image of `arch` with these layers.
     fn image(&self, arch: &str, layers: &[&[E]]) -> Value {
+        let tars: Vec<Vec<u8>> = layers.iter().map(|e| tar_bytes(e)).collect();
+        self.image_of(arch, &tars, Packing::Gzip)
+    }
+
+    /// The same from layer tars, packed as asked.
+    fn image_of(&self, arch: &str, tars: &[Vec<u8>], packing: Packing) -> Value {
         let mut descs = Vec::new();
         let mut diff_ids = Vec::new();
-        for entries in layers {
-            let tar = tar_bytes(entries);
-            diff_ids.push(sha(&tar));
-            let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            gz.write_all(&tar).unwrap();
-            descs.push(self.blob("application/vnd.oci.image.layer.v1.tar+gzip", &gz.finish().unwrap()));
+        for tar in tars {
+            diff_ids.push(sha(tar));
+            descs.push(match packing {
+                Packing::Gzip => {
+                    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    gz.write_all(tar).unwrap();
+                    self.blob("application/vnd.oci.image.layer.v1.tar+gzip", &gz.finish().unwrap())
+                }
+                Packing::ZstdFrames => {
+                    // Two frames with a skippable frame between, as zstd:chunked writes them.
+                    let (a, b) = tar.split_at(tar.len() / 2);
+                    let level = ruzstd::encoding::CompressionLevel::Fastest;
+                    let mut z = ruzstd::encoding::compress_to_vec(a, level);
+                    z.extend_from_slice(&0x184D2A50u32.to_le_bytes());
+                    z.extend_from_slice(&3u32.to_le_bytes());
+                    z.extend_from_slice(b"xyz");
+                    z.extend(ruzstd::encoding::compress_to_vec(b, level));
+                    self.blob("application/vnd.oci.image.layer.v1.tar+zstd", &z)
+                }
+            });
         }
         let config = json!({
             "architecture": arch, "os": "linux",
@@ -127,6 +147,12 @@ impl Layout {
         fs::write(self.dir.join("index.json"), index.to_string()).unwrap();
         &self.dir
     }
+}
+
+#[derive(Clone, Copy)]
+enum Packing {
+    Gzip,
+    ZstdFrames,
 }
 
 fn tagged(mut desc: Value, tag: &str) -> Value {
@@ -447,10 +473,12 @@ fn mount_rootfs_overlays_without_touching_the_image() {
 #[test]
 fn real_busybox_image_loads_for_the_host() {
     let images = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/out");
-    if !images.join("busybox/index.json").exists() {
-        println!("skipping: {} is missing; run images/build.sh", images.join("busybox").display());
-        return;
-    }
+    // test.sh builds it before the tests run: a missing image is a failure, not a skip.
+    assert!(
+        images.join("busybox/index.json").exists(),
+        "{} is missing: run images/build.sh (test.sh does)",
+        images.join("busybox").display()
+    );
     let t = TempDir::new().unwrap();
     let store = ImageStore::open(&t.path().join("store")).unwrap();
     let infos = store.load(&images.join("busybox"), None).unwrap();
@@ -485,4 +513,272 @@ fn real_busybox_image_loads_for_the_host() {
     let from_tar = store.load(&images.join("busybox.tar"), None).unwrap();
     assert_eq!(from_tar, infos);
     assert_eq!(before, snapshot(&t.path().join("store")));
+}
+
+fn blob_count(t: &TempDir, sub: &str) -> usize {
+    fs::read_dir(t.path().join("store").join(sub)).unwrap().count()
+}
+
+/// What a registry pull leaves before the import: the manifest in memory, the config and
+/// layers downloaded into partial/.
+fn as_pulled(store: &ImageStore, l: &Layout, mdesc: &Value) -> (oci::Descriptor, Vec<u8>) {
+    let desc: oci::Descriptor = serde_json::from_value(mdesc.clone()).unwrap();
+    let bytes = fs::read(l.blob_path(&desc.digest)).unwrap();
+    let manifest: Value = serde_json::from_slice(&bytes).unwrap();
+    let mut blobs = vec![manifest["config"]["digest"].as_str().unwrap().to_string()];
+    blobs.extend(
+        manifest["layers"].as_array().unwrap().iter().map(|d| d["digest"].as_str().unwrap().to_string()),
+    );
+    for d in blobs {
+        fs::copy(l.blob_path(&d), store.partial_path(&d).unwrap()).unwrap();
+    }
+    (desc, bytes)
+}
+
+#[test]
+fn zstd_layers_with_several_frames_unpack() {
+    let (_t, store, l) = setup("z");
+    let big = "z".repeat(100_000);
+    let tars = vec![tar_bytes(&[E::Dir("d/"), E::File("d/big", &big), E::File("d/small", "s")])];
+    let m = l.image_of(&host(), &tars, Packing::ZstdFrames);
+    store.load(l.finish(vec![tagged(m, "1")]), None).unwrap();
+    let root = store.resolve(&r("z:1")).unwrap().rootfs;
+    assert_eq!(fs::read_to_string(root.join("d/big")).unwrap(), big);
+    assert_eq!(fs::read_to_string(root.join("d/small")).unwrap(), "s");
+}
+
+#[test]
+fn a_pulled_image_moves_from_partial_into_blobs_and_is_named() {
+    let (t, store, l) = setup("reg");
+    let shared: &[E] = &[E::File("shared", "s")];
+    let m = l.image(&host(), &[shared, &[E::File("own", "o")]]);
+    let (desc, bytes) = as_pulled(&store, &l, &m);
+    assert_eq!(blob_count(&t, "partial"), 3);
+    let usage = store.disk_usage().unwrap();
+    assert!(usage.partial > 0 && usage.blobs == 0, "{usage:?}");
+
+    let info = store.import_pulled(&r("127.0.0.1:5000/reg:1"), None, &desc, &bytes).unwrap();
+    assert_eq!(info.reference, "127.0.0.1:5000/reg:1");
+    assert_eq!(info.digest, desc.digest);
+    assert_eq!(blob_count(&t, "partial"), 0);
+    assert_eq!(blob_count(&t, "blobs/sha256"), 4);
+    let root = store.resolve(&r("127.0.0.1:5000/reg:1")).unwrap().rootfs;
+    assert_eq!(fs::read_to_string(root.join("own")).unwrap(), "o");
+    let check = store.check().unwrap();
+    assert!(check.ok && check.unreferenced_blobs == 0 && check.images == 1, "{check:?}");
+
+    // Pinned by the digest of a multi-arch index: that digest resolves, under any name.
+    let index = format!("sha256:{}", "1".repeat(64));
+    let pinned = r(&format!("127.0.0.1:5000/reg@{index}"));
+    let again = store.import_pulled(&pinned, Some(&index), &desc, &bytes).unwrap();
+    assert_eq!(again.digest, desc.digest);
+    assert_eq!(store.resolve(&r(&format!("other@{index}"))).unwrap().digest, desc.digest);
+    let refs: Value = serde_json::from_slice(&fs::read(t.path().join("store/refs.json")).unwrap()).unwrap();
+    assert_eq!(refs["version"], 2);
+    assert_eq!(refs["indexes"][&index], json!(desc.digest));
+}
+
+#[test]
+fn refs_without_indexes_stay_version_1_and_version_1_files_read() {
+    let (t, store, l) = setup("img");
+    let m = l.image(&host(), &[&[E::File("f", "x")]]);
+    store.load(l.finish(vec![tagged(m, "1")]), None).unwrap();
+    let refs: Value = serde_json::from_slice(&fs::read(t.path().join("store/refs.json")).unwrap()).unwrap();
+    assert_eq!(refs["version"], 1);
+    assert!(refs.get("indexes").is_none());
+    // A file from the previous release (fixture in its exact shape) reads.
+    let digest = store.list().unwrap()[0].digest.clone();
+    let old = format!(
+        r#"{{"version":1,"refs":{{"img:1":"{digest}"}},"images":{{"{digest}":{{"platform":"linux/{}","size":1}}}}}}"#,
+        host()
+    );
+    fs::write(t.path().join("store/refs.json"), old).unwrap();
+    assert_eq!(store.list().unwrap()[0].reference, "img:1");
+    fs::write(t.path().join("store/refs.json"), r#"{"version":3,"refs":{},"images":{}}"#).unwrap();
+    let err = store.list().unwrap_err().to_string();
+    assert!(err.contains("version 3 (this build reads 1 and 2)"), "{err}");
+}
+
+#[test]
+fn a_corrupt_download_is_deleted_and_nothing_becomes_visible() {
+    let (t, store, l) = setup("reg");
+    let m = l.image(&host(), &[&[E::File("f", "data")]]);
+    let (desc, bytes) = as_pulled(&store, &l, &m);
+    let manifest: Value = serde_json::from_slice(&bytes).unwrap();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
+    let partial = store.partial_path(&layer).unwrap();
+    let mut bad = fs::read(&partial).unwrap();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    fs::write(&partial, &bad).unwrap();
+    let err = store.import_pulled(&r("reg:1"), None, &desc, &bytes).unwrap_err();
+    assert!(matches!(&err, ImageError::Mismatch { digest, .. } if *digest == layer), "{err}");
+    assert!(!partial.exists(), "a corrupt download is not resumed");
+    assert!(!t.path().join("store/blobs/sha256").join(&layer[7..]).exists());
+    assert!(store.list().unwrap().is_empty());
+    assert_eq!(blob_count(&t, "rootfs"), 0);
+    assert_eq!(blob_count(&t, "tmp"), 0);
+    assert!(store.check().unwrap().ok);
+    // A missing download is named.
+    fs::remove_file(store.partial_path(manifest["config"]["digest"].as_str().unwrap()).unwrap()).ok();
+    let err = store.import_pulled(&r("reg:1"), None, &desc, &bytes).unwrap_err();
+    assert!(matches!(err, ImageError::Missing(_)), "{err}");
+    // A manifest whose bytes do not match its digest is refused before anything is written.
+    let err = store.import_pulled(&r("reg:1"), None, &desc, b"{}").unwrap_err();
+    assert!(matches!(err, ImageError::Mismatch { .. }), "{err}");
+}
+
+#[test]
+fn gc_keeps_named_images_and_shared_blobs_and_frees_the_rest() {
+    let (t, store, l) = setup("img");
+    let shared: &[E] = &[E::File("shared", &"s".repeat(5000))];
+    let a = l.image(&host(), &[shared]);
+    let b = l.image(&host(), &[shared, &[E::File("b", "b")]]);
+    let c = l.image(&host(), &[&[E::File("c", &"c".repeat(9000))]]);
+    store.load(l.finish(vec![tagged(a, "a"), tagged(b, "b"), tagged(c, "c")]), None).unwrap();
+    let b_digest = store.resolve(&r("img:b")).unwrap().digest;
+    // A download in progress for an image not yet stored stays; a finished one goes.
+    let pending = format!("sha256:{}", "2".repeat(64));
+    fs::write(store.partial_path(&pending).unwrap(), b"half").unwrap();
+    let before = store.disk_usage().unwrap();
+
+    let report = store.gc(&[r("img:a"), r(&format!("any@{b_digest}")), r("absent:1")]).unwrap();
+    assert_eq!(report.removed, ["img:c"]);
+    assert_eq!(report.kept, ["img:a", "img:b"]);
+    assert!(report.freed >= 9000, "{report:?}");
+    assert_eq!(report.usage.total, before.total - report.freed);
+    assert!(store.resolve(&r("img:a")).unwrap().rootfs.join("shared").exists());
+    assert!(store.resolve(&r("img:b")).is_ok());
+    assert!(matches!(store.resolve(&r("img:c")), Err(ImageError::NotFound(_))));
+    assert_eq!(blob_count(&t, "blobs/sha256"), 2 + 2 + 2);
+    assert_eq!(blob_count(&t, "rootfs"), 2);
+    assert!(store.partial_path(&pending).unwrap().exists());
+    assert!(store.check().unwrap().ok);
+    // Nothing to collect: refs.json is not rewritten.
+    let before = snapshot(&t.path().join("store"));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let again = store.gc(&[r("img:a"), r("img:b")]).unwrap();
+    assert!(again.removed.is_empty() && again.freed == 0);
+    assert_eq!(before, snapshot(&t.path().join("store")));
+}
+
+#[test]
+fn budget_counts_partial_downloads() {
+    let (_t, store, _l) = setup("img");
+    let store = store.with_budget(Some(1000));
+    fs::write(store.partial_path(&format!("sha256:{}", "3".repeat(64))).unwrap(), vec![0u8; 600]).unwrap();
+    store.check_budget("pull of x", 400).unwrap();
+    let err = store.check_budget("pull of x", 401).unwrap_err();
+    assert!(matches!(err, ImageError::Budget { used: 600, more: 401, budget: 1000, .. }), "{err}");
+}
+
+#[test]
+fn check_reports_a_damaged_store() {
+    let (t, store, l) = setup("img");
+    let m = l.image(&host(), &[&[E::File("f", "x")]]);
+    store.load(l.finish(vec![tagged(m, "1")]), None).unwrap();
+    assert!(store.check().unwrap().ok);
+    let blobs = t.path().join("store/blobs/sha256");
+    let manifest: Value =
+        serde_json::from_slice(&fs::read(blobs.join(&store.list().unwrap()[0].digest[7..])).unwrap())
+            .unwrap();
+    let layer = blobs.join(&manifest["layers"][0]["digest"].as_str().unwrap()[7..]);
+    let mut bytes = fs::read(&layer).unwrap();
+    bytes[0] ^= 1;
+    fs::write(&layer, bytes).unwrap();
+    let rep = store.check().unwrap();
+    assert!(!rep.ok);
+    assert_eq!(rep.problems.len(), 1, "{rep:?}");
+    assert!(rep.problems[0].contains("fails verification"), "{rep:?}");
+}
+
+/// The store on a tiny tmpfs: unpacking runs out of space. The error says so, nothing
+/// half-written is visible, and the store checks clean. Needs root (mount).
+#[test]
+fn enospc_during_unpack_is_clear_and_leaves_the_store_consistent() {
+    assert!(nix::unistd::geteuid().is_root(), "this test mounts a tmpfs: run it as root (test.sh does)");
+    let t = TempDir::new().unwrap();
+    let mnt = t.path().join("small");
+    fs::create_dir(&mnt).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k", "skiff-test", mnt.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let store = ImageStore::open(&mnt.join("store")).unwrap();
+    let l = Layout::new(t.path().join("reg"));
+    let zeros = "\0".repeat(2 << 20); // 2 MiB unpacked, a few KiB packed
+    let small = l.image(&host(), &[&[E::File("f", "ok")]]);
+    store.load(l.finish(vec![tagged(small, "small")]), None).unwrap();
+    let m = l.image(&host(), &[&[E::File("zeros", &zeros)]]);
+    let (desc, bytes) = as_pulled(&store, &l, &m);
+    let err = store.import_pulled(&r("reg:big"), None, &desc, &bytes).unwrap_err();
+    assert!(matches!(err, ImageError::NoSpace { .. }), "{err}");
+    assert!(err.to_string().contains("no space left"), "{err}");
+    let check = store.check().unwrap();
+    assert!(check.ok, "{check:?}");
+    assert_eq!(check.leftovers, 0);
+    let refs: Vec<String> = store.list().unwrap().into_iter().map(|i| i.reference).collect();
+    assert_eq!(refs, ["reg:small"]);
+    assert_eq!(fs::read_dir(mnt.join("store/rootfs")).unwrap().count(), 1);
+    // The layer's download stays for the retry once space is freed.
+    let manifest: Value = serde_json::from_slice(&bytes).unwrap();
+    assert!(store.partial_path(manifest["layers"][0]["digest"].as_str().unwrap()).unwrap().is_file());
+}
+
+/// `docker save` before Docker 25: manifest.json + repositories, `<id>/layer.tar` files
+/// (uncompressed), `<id>.json` configs; the names come from RepoTags.
+#[test]
+fn docker_save_archives_load_with_their_names() {
+    let t = TempDir::new().unwrap();
+    let store = ImageStore::open(&t.path().join("store")).unwrap();
+    let tars = [tar_bytes(&[E::Dir("etc/"), E::File("etc/v", "1")]), tar_bytes(&[E::File("etc/v", "2")])];
+    let config = json!({
+        "architecture": host(), "os": "linux",
+        "config": {"Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": tars.iter().map(|t| sha(t)).collect::<Vec<_>>()},
+    })
+    .to_string();
+    let config_name = format!("{}.json", &sha(config.as_bytes())[7..]);
+    let manifest = json!([{
+        "Config": config_name,
+        "RepoTags": ["docker.io/library/saved:1", "saved:latest"],
+        "Layers": ["aaa/layer.tar", "bbb/layer.tar"],
+    }])
+    .to_string();
+    let archive = t.path().join("saved.tar");
+    let mut b = tar::Builder::new(fs::File::create(&archive).unwrap());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add("aaa/layer.tar", &tars[0]);
+    add("bbb/layer.tar", &tars[1]);
+    add(&config_name, config.as_bytes());
+    add("manifest.json", manifest.as_bytes());
+    add("repositories", br#"{"saved":{"1":"aaa"}}"#);
+    b.into_inner().unwrap();
+
+    let loaded = store.load(&archive, None).unwrap();
+    let refs: Vec<&str> = loaded.iter().map(|i| i.reference.as_str()).collect();
+    assert_eq!(refs, ["saved:1", "saved:latest"]);
+    assert_eq!(loaded[0].digest, loaded[1].digest);
+    let img = store.resolve(&r("saved:1")).unwrap();
+    assert_eq!(fs::read_to_string(img.rootfs.join("etc/v")).unwrap(), "2");
+    assert_eq!(img.config.cmd, ["sh"]);
+    assert!(store.check().unwrap().ok);
+    // --name names the one image, whatever names the archive gives it.
+    let named = store.load(&archive, Some(&r("other:1"))).unwrap();
+    assert_eq!(named.len(), 1);
+    assert_eq!((named[0].reference.as_str(), &named[0].digest), ("other:1", &loaded[0].digest));
 }

@@ -24,10 +24,11 @@ use tar::EntryType;
 pub fn apply_layer(root: &Path, blob: &Path, desc: &Descriptor, diff_id: &str) -> Result<(), ImageError> {
     let file = File::open(blob).map_err(|e| ImageError::io(blob, e))?;
     let mut packed = Verifying::new(file);
-    {
+    let applied = (|| {
         let tar: Box<dyn Read + '_> = match oci::layer_compression(&desc.media_type)? {
             Compression::None => Box::new(&mut packed),
             Compression::Gzip => Box::new(MultiGzDecoder::new(&mut packed)),
+            Compression::Zstd => Box::new(ZstdFrames::new(io::BufReader::new(&mut packed))),
         };
         let mut tar = Verifying::new(tar);
         Layer {
@@ -43,9 +44,76 @@ pub fn apply_layer(root: &Path, blob: &Path, desc: &Descriptor, diff_id: &str) -
                 reason: format!("uncompressed, does not match diff_id {diff_id}: {reason}"),
             },
             e => e,
-        })?;
+        })
+    })();
+    // Bytes that do not decompress are most likely not the blob's bytes: say so.
+    let verified = packed.finish(&desc.digest, Some(desc.size));
+    match (applied, verified) {
+        (Err(e), Err(ImageError::NoSpace { .. }) | Ok(())) => Err(e),
+        (_, Err(m @ ImageError::Mismatch { .. })) => Err(m),
+        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(())) => Ok(()),
     }
-    packed.finish(&desc.digest, Some(desc.size))
+}
+
+/// A zstd stream of any number of frames (skippable ones skipped), read as one: ruzstd's
+/// `StreamingDecoder` stops after the first frame, and zstd:chunked layers have many. The
+/// window is bounded by ruzstd's default limit, so a crafted frame header cannot make it
+/// allocate without bound.
+pub struct ZstdFrames<R> {
+    src: R,
+    dec: ruzstd::decoding::FrameDecoder,
+    in_frame: bool,
+}
+
+impl<R: io::BufRead> ZstdFrames<R> {
+    pub fn new(src: R) -> Self {
+        ZstdFrames { src, dec: ruzstd::decoding::FrameDecoder::new(), in_frame: false }
+    }
+}
+
+impl<R: io::BufRead> Read for ZstdFrames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
+        use ruzstd::decoding::BlockDecodingStrategy;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.in_frame {
+                if self.dec.can_collect() > 0 {
+                    return self.dec.read(buf);
+                }
+                if self.dec.is_finished() {
+                    self.in_frame = false;
+                    continue;
+                }
+                self.dec
+                    .decode_blocks(&mut self.src, BlockDecodingStrategy::UptoBlocks(1))
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("zstd: {e}")))?;
+                continue;
+            }
+            if self.src.fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+            match self.dec.init(&mut self.src) {
+                Ok(()) => self.in_frame = true,
+                Err(FrameDecoderError::ReadFrameHeaderError(ReadFrameHeaderError::SkipFrame {
+                    length,
+                    ..
+                })) => {
+                    let skipped = io::copy(&mut (&mut self.src).take(u64::from(length)), &mut io::sink())?;
+                    if skipped != u64::from(length) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "zstd: truncated skippable frame",
+                        ));
+                    }
+                }
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("zstd: {e}"))),
+            }
+        }
+    }
 }
 
 /// Bytes of regular files under `root`, each hardlinked file once. Symlinks not followed.
@@ -242,6 +310,9 @@ impl Layer<'_> {
     }
 
     fn tar_err(&self, e: io::Error) -> ImageError {
+        if super::is_no_space(&e) {
+            return ImageError::NoSpace { path: self.root.to_path_buf() };
+        }
         ImageError::Blob { digest: self.digest.to_string(), source: e }
     }
 

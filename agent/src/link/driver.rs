@@ -10,6 +10,7 @@
 //! client's queue under the same lock and the outbox resends what is owed.
 
 use super::backoff::Backoff;
+use super::calm::{Calm, Notice, WINDOW};
 use super::gate::{Gate, Verdict};
 use super::outbox::Outbox;
 use super::{lock, unix_now, Incoming, LinkConfig, LinkError, LinkStatus};
@@ -24,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 /// rumqttc's own in-flight limit: well above what the outbox ever has in
@@ -42,11 +43,38 @@ const GOODBYE: Duration = Duration::from_secs(2);
 pub(super) struct Shared {
     pub outbox: Outbox,
     pub gate: Gate,
+    /// Refusals said at once or counted (see `calm`).
+    pub calm: Calm,
+    /// Wakes the worker when a refusal from outside it may have set a new
+    /// time for `calm` to say a count.
+    pub calm_changed: Arc<Notify>,
 }
 
 impl Shared {
-    pub fn reject(&mut self, r: Rejection) {
-        tracing::warn!(generation = ?r.generation, reason = %r.reason, "desired state refused");
+    /// A refused desired state: a log line, a `rejected` event and
+    /// `last_rejection` now, or only a count that goes out with the next one.
+    pub fn reject(&mut self, r: Rejection, now: Instant) {
+        match self.calm.offer(r, now) {
+            Some(n) => self.say(n),
+            None => self.calm_changed.notify_one(),
+        }
+    }
+
+    /// Says the counts whose window ended.
+    pub fn say_due(&mut self, now: Instant) {
+        for n in self.calm.due(now) {
+            self.say(n);
+        }
+    }
+
+    fn say(&mut self, n: Notice) {
+        let r = n.summary();
+        tracing::warn!(
+            generation = ?r.generation,
+            reason = %n.rejection.reason,
+            similar_unreported = n.similar,
+            "desired state refused"
+        );
         let detail = match r.generation {
             Some(g) => format!("generation {g}: {}", r.reason),
             None => r.reason.clone(),
@@ -150,7 +178,13 @@ pub(super) fn start(
     net.set_connection_timeout(cfg.connect_timeout.as_secs().max(1));
     eventloop.set_network_options(net);
 
-    let shared = Arc::new(Mutex::new(Shared { outbox: Outbox::new(session), gate }));
+    let calm_changed = Arc::new(Notify::new());
+    let shared = Arc::new(Mutex::new(Shared {
+        outbox: Outbox::new(session),
+        gate,
+        calm: Calm::new(WINDOW),
+        calm_changed: calm_changed.clone(),
+    }));
     let (status_tx, status) = watch::channel(LinkStatus::default());
     let (alive, alive_rx) = oneshot::channel();
     let (incoming_tx, incoming) = mpsc::channel(1);
@@ -177,6 +211,7 @@ pub(super) fn start(
         epoch,
         daemon: incoming_tx,
         retry: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
+        calm_changed,
     };
     tokio::spawn(worker.run());
     Ok(Parts { shared, client, status, alive, incoming })
@@ -337,6 +372,7 @@ struct Worker {
     epoch: Arc<AtomicU64>,
     daemon: mpsc::Sender<Incoming>,
     retry: Backoff,
+    calm_changed: Arc<Notify>,
 }
 
 /// A verified state the daemon has not persisted yet.
@@ -353,55 +389,83 @@ impl Worker {
         // deadline, so a stream of duplicates cannot keep pushing it back.
         let mut retry_at = Instant::now();
         loop {
-            let next = match &held {
-                None => self.queue.recv().await,
-                Some(_) => tokio::select! {
-                    m = self.queue.recv() => m,
-                    _ = sleep_until(retry_at) => {
-                        if !self.hand_over(&mut held, &mut retry_at).await {
-                            return;
-                        }
-                        continue;
-                    }
-                },
-            };
-            let Some((epoch, publish)) = next else { return };
-            let verdict = lock(&self.shared).gate.check(&publish.payload);
-            match verdict {
-                Verdict::Reject(r) => {
-                    {
-                        let mut s = lock(&self.shared);
-                        s.reject(r);
-                        pump(&mut s, &self.client, &self.device);
-                    }
-                    self.ack(epoch, &publish).await;
-                }
-                Verdict::Duplicate => self.ack(epoch, &publish).await,
-                Verdict::Accept(state) => {
-                    if let Some(mut h) = held.take() {
-                        if h.state.generation == state.generation {
-                            // Redelivered (after a reconnect) while still not
-                            // persisted: this copy is the one to ack later.
-                            h.epoch = epoch;
-                            h.publish = publish;
-                            held = Some(h);
-                            continue;
-                        }
-                        if h.state.generation > state.generation {
-                            // Older than the state waiting to be persisted.
-                            self.ack(epoch, &publish).await;
-                            held = Some(h);
-                            continue;
-                        }
-                        // Superseded before it was persisted: nothing to redeliver.
-                        self.ack(h.epoch, &h.publish).await;
-                    }
-                    held = Some(Held { epoch, publish, state });
-                    self.retry.reset();
+            let calm_due = lock(&self.shared).calm.next_due();
+            let next = tokio::select! {
+                m = self.queue.recv() => m,
+                _ = sleep_until(retry_at), if held.is_some() => {
                     if !self.hand_over(&mut held, &mut retry_at).await {
                         return;
                     }
+                    continue;
                 }
+                _ = sleep_until(calm_due.unwrap_or(retry_at)), if calm_due.is_some() => {
+                    let mut s = lock(&self.shared);
+                    s.say_due(Instant::now());
+                    pump(&mut s, &self.client, &self.device);
+                    continue;
+                }
+                // A refusal from the daemon: `calm_due` may have moved.
+                _ = self.calm_changed.notified() => continue,
+            };
+            let Some((epoch, publish)) = next else { return };
+            let mut fresh = self.take(epoch, publish, &mut held).await;
+            // A backlog (a persistent session after a long time offline):
+            // walk everything already here first, so only the newest valid
+            // state goes to the daemon, once.
+            while let Ok((epoch, publish)) = self.queue.try_recv() {
+                fresh |= self.take(epoch, publish, &mut held).await;
+            }
+            if fresh {
+                self.retry.reset();
+                if !self.hand_over(&mut held, &mut retry_at).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Passes one incoming state through the gate. Refusals, duplicates and
+    /// states older than the held one are acknowledged; a newer verified
+    /// state becomes the held one (the one it supersedes is acknowledged, as
+    /// nothing needs it redelivered). Returns true when a new state is held
+    /// and must be handed to the daemon.
+    async fn take(&mut self, epoch: u64, publish: Publish, held: &mut Option<Held>) -> bool {
+        let verdict = lock(&self.shared).gate.check(&publish.payload);
+        match verdict {
+            Verdict::Reject(r) => {
+                {
+                    let mut s = lock(&self.shared);
+                    s.reject(r, Instant::now());
+                    pump(&mut s, &self.client, &self.device);
+                }
+                self.ack(epoch, &publish).await;
+                false
+            }
+            Verdict::Duplicate => {
+                self.ack(epoch, &publish).await;
+                false
+            }
+            Verdict::Accept(state) => {
+                if let Some(h) = held.as_mut() {
+                    if h.state.generation == state.generation {
+                        // Redelivered (after a reconnect) while still not
+                        // persisted: this copy is the one to ack later.
+                        h.epoch = epoch;
+                        h.publish = publish;
+                        return false;
+                    }
+                    if h.state.generation > state.generation {
+                        // Older than the state waiting to be persisted.
+                        self.ack(epoch, &publish).await;
+                        return false;
+                    }
+                }
+                if let Some(old) = held.take() {
+                    // Superseded before it was persisted: nothing to redeliver.
+                    self.ack(old.epoch, &old.publish).await;
+                }
+                *held = Some(Held { epoch, publish, state });
+                true
             }
         }
     }

@@ -23,9 +23,15 @@
 //! What the link refuses (bad signature, wrong device, older generation,
 //! oversized, malformed) is acknowledged so it is not redelivered forever,
 //! published as a `rejected` event and remembered in `reported`; nothing else
-//! happens.
+//! happens. A flood of refusals stays calm (`calm`): per class of reason at
+//! most one log line and one event per `calm::WINDOW`, the others counted in
+//! the next one and in `last_rejection`. A backlog (a persistent session
+//! after a long time offline) is walked through the gate as fast as the
+//! broker delivers it, and only the newest verified state of what has
+//! arrived goes to the daemon.
 
 mod backoff;
+mod calm;
 mod driver;
 mod gate;
 mod outbox;
@@ -156,10 +162,10 @@ impl LinkHandle {
     }
 
     /// Records that a desired state was refused: a `rejected` event, and the
-    /// reason in every later `reported`.
+    /// reason in every later `reported` (rate-limited like the link's own).
     pub fn rejected(&self, generation: Option<u64>, reason: impl Into<String>) {
         let mut s = self.lock();
-        s.reject(Rejection::new(generation, reason));
+        s.reject(Rejection::new(generation, reason), tokio::time::Instant::now());
         driver::pump(&mut s, &self.inner.client, &self.inner.device);
     }
 

@@ -278,6 +278,7 @@ mod tests {
 
     fn reported(gen: u64) -> Reported {
         Reported {
+            pulls: Vec::new(),
             device: DeviceId::try_from("pi").unwrap(),
             generation_applied: gen,
             origin: Origin::Controller,

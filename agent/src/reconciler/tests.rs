@@ -3,7 +3,8 @@
 
 use super::*;
 use skiff_common::{
-    AppStatus, Health, ImageRef, NetworkMode, Origin, Phase, Probe, ProbeAction, Resources, RestartPolicy,
+    AppStatus, Health, ImageRef, NetworkMode, Origin, Phase, Probe, ProbeAction, PullPolicy, Resources,
+    RestartPolicy,
 };
 use std::collections::BTreeMap;
 
@@ -25,6 +26,7 @@ fn spec(app: &str) -> AppSpec {
     AppSpec {
         name: name(app),
         image: ImageRef::try_from("busybox:1.36").unwrap(),
+        pull: PullPolicy::IfNotPresent,
         command: Some(vec!["sleep".into(), "1000".into()]),
         env: BTreeMap::new(),
         workdir: None,

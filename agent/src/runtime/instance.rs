@@ -4,9 +4,13 @@
 //!
 //! ```text
 //! shim.json     written by the agent before it spawns the shim: what to run
+//! shim.pid      written by the shim first thing: its pid and start time, so a
+//!               new agent can tell a shim still creating the container
 //! started.json  written by the shim once the container runs: pids, start time
 //! exit.json     written by the shim when the container has exited and is deleted
-//! shim.log      the shim's own messages
+//! *.reserve     space for started.json and exit.json, taken before the
+//!               container starts so a full run dir cannot lose either record
+//! shim.log      the shim's own messages (rate-limited and capped)
 //! rootfs/       the container's root (overlay mount or copy), removed on exit
 //! bundle/       config.json for libcontainer
 //! ```
@@ -16,7 +20,7 @@ use crate::fsutil::atomic_write;
 use crate::image::ImageConfig;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use skiff_common::{AppSpec, ExitInfo};
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -50,7 +54,21 @@ pub struct Exit {
     pub exited_boot_ms: u64,
 }
 
+/// The shim process, recorded by itself before it does anything else.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShimPid {
+    pub pid: i32,
+    pub start_ticks: u64,
+}
+
+impl ShimPid {
+    pub fn alive(&self) -> bool {
+        process_start_ticks(self.pid) == Some(self.start_ticks)
+    }
+}
+
 pub const CONFIG: &str = "shim.json";
+pub const SHIM_PID: &str = "shim.pid";
 pub const STARTED: &str = "started.json";
 pub const EXIT: &str = "exit.json";
 pub const SHIM_LOG: &str = "shim.log";
@@ -58,6 +76,48 @@ pub const SHIM_LOG: &str = "shim.log";
 pub fn write<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     atomic_write(&dir.join(name), &bytes)
+}
+
+/// Bytes kept for a reserved record: far more than an `Exit` or `Started` needs.
+pub const RESERVE_BYTES: usize = 4096;
+
+fn reserve_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.reserve"))
+}
+
+/// Takes the space for record `name` now, so that `write_reserved` needs no
+/// new space later: a file of `RESERVE_BYTES` spaces (JSON readers skip
+/// trailing white space).
+pub fn reserve(dir: &Path, name: &str) -> io::Result<()> {
+    let path = reserve_path(dir, name);
+    let mut f = crate::fsutil::create_private(&path, true)?;
+    f.write_all(&[b' '; RESERVE_BYTES])?;
+    f.sync_all()
+}
+
+/// Writes record `name` into its reserved file, in place (no new blocks), and
+/// renames it into place: a reader sees all of it or none, even when the file
+/// system is full. Without a reservation (or if it fails) this is `write`.
+pub fn write_reserved<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
+    let reserved = reserve_path(dir, name);
+    let in_place = || -> io::Result<()> {
+        if bytes.len() > RESERVE_BYTES {
+            return Err(io::Error::other("record larger than its reservation"));
+        }
+        let mut f = std::fs::OpenOptions::new().write(true).open(&reserved)?;
+        if f.metadata()?.len() < RESERVE_BYTES as u64 {
+            return Err(io::Error::other("reservation is short"));
+        }
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&reserved, dir.join(name))?;
+        crate::fsutil::sync_dir(dir)
+    };
+    match in_place() {
+        Ok(()) => Ok(()),
+        Err(_) => write(dir, name, value),
+    }
 }
 
 /// `Ok(None)` when the file does not exist.

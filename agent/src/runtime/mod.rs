@@ -77,6 +77,9 @@ pub struct Runtime {
 /// How long a shim may take to create and start a container.
 const HANDSHAKE: Duration = Duration::from_secs(60);
 
+/// How long a new agent waits for a shim that a dead agent left creating a container.
+const SCAN_WAIT: Duration = Duration::from_secs(10);
+
 impl Runtime {
     pub fn new(paths: Paths, images: Arc<ImageStore>, log_cap: u64) -> std::io::Result<Runtime> {
         let exe = std::env::current_exe()?;
@@ -129,15 +132,18 @@ impl Runtime {
         };
         instance::write(&dir, instance::CONFIG, &cfg).map_err(io_err(&dir))?;
         let log_path = dir.join(instance::SHIM_LOG);
-        let log = std::fs::File::create(&log_path).map_err(io_err(&log_path))?;
+        let log = crate::fsutil::create_private(&log_path, true).map_err(io_err(&log_path))?;
+        // The shim makes itself a session leader (so no Ctrl-C or hang-up meant
+        // for the agent reaches it): it must not be made a group leader here.
+        // Its stdout is only the handshake; its stderr is its own log file,
+        // never the agent's stdio, so the agent's death cannot touch it.
+        // A failed spawn (no pids, no memory) is this app's start failure.
         let mut child = Command::new(&self.exe)
             .arg("shim")
             .arg(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
-            // Its own process group: a Ctrl-C meant for the agent must not reach it.
-            .process_group(0)
             .kill_on_drop(false)
             .spawn()
             .map_err(io_err(&self.exe))?;
@@ -219,6 +225,10 @@ impl Runtime {
         let dir = self.paths.instance(app, instance);
         let _ = crate::image::unmount_rootfs(&dir.join("rootfs"));
         let _ = std::fs::remove_dir_all(&dir);
+        // The app's directory goes with its last instance (fails while others remain).
+        if let Some(app_dir) = dir.parent() {
+            let _ = std::fs::remove_dir(app_dir);
+        }
     }
 
     /// Everything a previous agent left under the run dir.
@@ -236,21 +246,7 @@ impl Runtime {
                     let _ = std::fs::remove_dir_all(&dir);
                     continue;
                 };
-                let exit: Option<Exit> = instance::read(&dir, instance::EXIT).ok().flatten();
-                let started: Option<Started> = instance::read(&dir, instance::STARTED).ok().flatten();
-                let state = match (exit, started) {
-                    (Some(e), _) => FoundState::Exited(e.exit),
-                    (None, Some(s)) if instance::shim_alive(&s) => FoundState::Running(s),
-                    (None, Some(_)) => FoundState::Lost,
-                    // A bundle or libcontainer state means creation had begun.
-                    (None, None)
-                        if dir.join("bundle").exists()
-                            || self.paths.containers().join(&cfg.container_id).exists() =>
-                    {
-                        FoundState::Lost
-                    }
-                    (None, None) => FoundState::NeverStarted,
-                };
+                let state = self.classify(&dir, &cfg);
                 out.push(Found {
                     app: app.clone(),
                     instance,
@@ -264,16 +260,141 @@ impl Runtime {
         out
     }
 
+    /// What became of one instance a previous agent left. When nothing is
+    /// recorded yet but its shim lives, the previous agent died while that
+    /// shim was creating the container: wait (up to `SCAN_WAIT`, blocking,
+    /// at start-up only) for the shim's record rather than take a container
+    /// being born for lost; a shim still silent after that is killed.
+    fn classify(&self, dir: &Path, cfg: &ShimConfig) -> FoundState {
+        let shim: Option<instance::ShimPid> = instance::read(dir, instance::SHIM_PID).ok().flatten();
+        let mut waited = Duration::ZERO;
+        loop {
+            let exit: Option<Exit> = instance::read(dir, instance::EXIT).ok().flatten();
+            let started: Option<Started> = instance::read(dir, instance::STARTED).ok().flatten();
+            match (exit, started) {
+                (Some(e), _) => return FoundState::Exited(e.exit),
+                (None, Some(s)) if instance::shim_alive(&s) => return FoundState::Running(s),
+                (None, Some(_)) => return FoundState::Lost,
+                (None, None) => {}
+            }
+            match shim {
+                Some(p) if p.alive() && waited < SCAN_WAIT => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    waited += Duration::from_millis(20);
+                    continue;
+                }
+                Some(p) if p.alive() => {
+                    tracing::warn!(dir = %dir.display(), pid = p.pid, "shim still starting after {SCAN_WAIT:?}: killing it");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p.pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    return FoundState::Lost;
+                }
+                _ => {}
+            }
+            // A bundle or libcontainer state means creation had begun.
+            return if dir.join("bundle").exists() || self.paths.containers().join(&cfg.container_id).exists()
+            {
+                FoundState::Lost
+            } else {
+                FoundState::NeverStarted
+            };
+        }
+    }
+
+    /// Removes what an app that left the desired state leaves behind: its logs
+    /// (current and rotated) and its run directory `apps/<app>/` with any
+    /// instance leftovers (root file systems unmounted first). For the daemon,
+    /// once the app's last instance has exited. An instance whose shim is
+    /// still alive is left alone. Volumes are the app's data and stay.
+    pub fn remove_app_files(&self, app: &AppName) -> Result<(), RuntimeError> {
+        let mut first_err = None;
+        let mut keep = |r: Result<(), RuntimeError>| {
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        };
+        let app_dir = self.paths.apps().join(app.as_str());
+        if let Ok(instances) = std::fs::read_dir(&app_dir) {
+            for inst in instances.flatten() {
+                let dir = inst.path();
+                let started: Option<Started> = instance::read(&dir, instance::STARTED).ok().flatten();
+                let shim: Option<instance::ShimPid> = instance::read(&dir, instance::SHIM_PID).ok().flatten();
+                let exited = dir.join(instance::EXIT).exists();
+                if !exited
+                    && (started.is_some_and(|s| instance::shim_alive(&s)) || shim.is_some_and(|p| p.alive()))
+                {
+                    tracing::warn!(app = %app, dir = %dir.display(), "not removing a live instance");
+                    continue;
+                }
+                let _ = crate::image::unmount_rootfs(&dir.join("rootfs"));
+                keep(remove_all(&dir));
+            }
+        }
+        match std::fs::remove_dir(&app_dir) {
+            Err(e)
+                if e.kind() != std::io::ErrorKind::NotFound
+                    && e.raw_os_error() != Some(nix::libc::ENOTEMPTY) =>
+            {
+                keep(Err(RuntimeError::Io { path: app_dir.clone(), source: e }))
+            }
+            _ => {}
+        }
+        for log in [
+            logs::current(&self.paths.log_dir, app.as_str()),
+            logs::rotated(&self.paths.log_dir, app.as_str()),
+        ] {
+            match std::fs::remove_file(&log) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    keep(Err(RuntimeError::Io { path: log.clone(), source: e }))
+                }
+                _ => {}
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     /// Kills and deletes what a lost shim left behind.
     pub async fn reap_lost(&self, app: &AppName, instance: u64) {
         force_delete(&self.paths.containers().join(Paths::container_id(app, instance))).await;
     }
 }
 
+fn remove_all(dir: &Path) -> Result<(), RuntimeError> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(RuntimeError::Io { path: dir.to_path_buf(), source: e })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs `f` on a thread of its own and awaits it; when the OS refuses a
+/// thread (thread or pid exhaustion), runs it inline instead. Not tokio's
+/// `spawn_blocking`, which panics then (and panics abort the agent).
+/// `None` if `f` panicked.
+async fn off_loop<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let job = Arc::new(std::sync::Mutex::new(Some(f)));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let theirs = job.clone();
+    let spawned = std::thread::Builder::new().name("runtime-io".into()).spawn(move || {
+        let f = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(f) = f {
+            let _ = tx.send(f());
+        }
+    });
+    if spawned.is_err() {
+        let f = job.lock().unwrap_or_else(|p| p.into_inner()).take();
+        return f.map(|f| f());
+    }
+    rx.await.ok()
+}
+
 async fn signal(root: &Path, sig: Option<LcSignal>, all: bool) {
     let Some(sig) = sig else { return };
     let root = root.to_path_buf();
-    let _ = tokio::task::spawn_blocking(move || {
+    off_loop(move || {
         if let Ok(mut c) = Container::load(root) {
             // Fails harmlessly when the container has just exited.
             let _ = c.kill(sig, all);
@@ -285,7 +406,7 @@ async fn signal(root: &Path, sig: Option<LcSignal>, all: bool) {
 /// SIGKILLs every process of a container and deletes its state and cgroup.
 async fn force_delete(root: &Path) {
     let root = root.to_path_buf();
-    let _ = tokio::task::spawn_blocking(move || {
+    off_loop(move || {
         if let Ok(mut c) = Container::load(root.clone()) {
             let _ = c.delete(true);
         }

@@ -10,6 +10,13 @@
 //!
 //! Protocol with the agent: one line on stdout, `ok <init-pid>` or
 //! `err <message>`, then the files described in `instance.rs`.
+//!
+//! Independent of the agent: it runs in its own session, ignores a closed
+//! stdout (the agent killed mid-start), never writes to the agent's pipe after
+//! the handshake, and nothing it writes can kill it. A full log dir drops (and
+//! counts) output; a full run dir cannot lose the started or exit record,
+//! whose space is reserved before the container starts; its own messages are
+//! rate-limited and capped.
 
 use super::cgroups::Cgroups;
 use super::instance::{self, Exit, ShimConfig, Started};
@@ -29,6 +36,14 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 pub fn main(dir: &Path) -> i32 {
+    // Its own session: no terminal hang-up or signal meant for the agent's
+    // process group reaches it. (Fails only if already a group leader.)
+    let _ = nix::unistd::setsid();
+    let me = std::process::id() as i32;
+    let pid = instance::ShimPid { pid: me, start_ticks: instance::process_start_ticks(me).unwrap_or(0) };
+    if let Err(e) = instance::write(dir, instance::SHIM_PID, &pid) {
+        note(&format!("cannot record the shim's pid: {e}"));
+    }
     let cfg: ShimConfig = match instance::read(dir, instance::CONFIG) {
         Ok(Some(c)) => c,
         Ok(None) => return handshake_err(&format!("{} is missing", dir.join(instance::CONFIG).display())),
@@ -40,33 +55,119 @@ pub fn main(dir: &Path) -> i32 {
         Ok(p) => p,
         Err(e) => {
             let msg = format!("{e:#}");
-            eprintln!("shim: start failed: {msg}");
+            note(&format!("start failed: {msg}"));
             cleanup(dir, &cfg, created);
             return handshake_err(&msg);
         }
     };
-    println!("ok {init_pid}");
-    let _ = std::io::stdout().flush();
-    // The shim outlives the agent: its stdout pipe may be gone from now on.
+    handshake(&format!("ok {init_pid}"));
     let exit = wait_exit(init_pid);
     // OOM-killed means the app's main process died of the OOM killer's SIGKILL;
     // a child killed for memory, with the app going on, is the app's business.
     let oom = exit.signal == Some(nix::sys::signal::Signal::SIGKILL as i32)
         && cgroups.as_ref().and_then(|c| c.oom_kills(&cfg.cgroup_path)).is_some_and(|n| n > 0);
     let exit = ExitInfo { oom_killed: oom, ..exit };
-    eprintln!("shim: container exited: {exit:?}");
+    note(&format!("container exited: {exit:?}"));
     cleanup(dir, &cfg, true);
     let record = Exit { exit, exited_boot_ms: instance::boot_ms() };
-    if let Err(e) = instance::write(dir, instance::EXIT, &record) {
-        eprintln!("shim: cannot record exit: {e}");
+    // Into the space reserved before the start: a full run dir cannot lose it.
+    if let Err(e) = instance::write_reserved(dir, instance::EXIT, &record) {
+        note(&format!("cannot record exit: {e}"));
         return 1;
     }
     0
 }
 
+/// Answers the agent, then lets go of its pipe. The agent may be gone (killed
+/// while this shim was starting the container): a failed write is ignored,
+/// never a reason to die, and nothing is written to that pipe again.
+fn handshake(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", line.replace('\n', " "));
+    let _ = out.flush();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1);
+    }
+}
+
 fn handshake_err(msg: &str) -> i32 {
-    println!("err {}", msg.replace('\n', " "));
+    handshake(&format!("err {msg}"));
     1
+}
+
+/// The shim's own messages, to stderr (shim.log). Never panics (unlike
+/// `eprintln!`, which does when the file system is full); at most
+/// `NOTE_BURST` messages per `NOTE_WINDOW` and `NOTE_CAP` bytes in all, so a
+/// failing log or a crash loop cannot fill the run dir with them.
+fn note(msg: &str) {
+    static STATE: std::sync::Mutex<Option<NoteState>> = std::sync::Mutex::new(None);
+    let mut guard = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    let state = guard.get_or_insert_with(NoteState::new);
+    if let Some(line) = state.admit(msg, std_now()) {
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+}
+
+// The shim has no tokio runtime (it must stay single-threaded to fork): std's
+// monotonic clock is the only one it has.
+#[allow(clippy::disallowed_types)]
+fn std_now() -> std::time::Duration {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed()
+}
+
+const NOTE_BURST: u32 = 10;
+const NOTE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+const NOTE_CAP: u64 = 64 * 1024;
+
+/// Rate limit and cap of the shim's messages (pure: time comes in).
+struct NoteState {
+    window_start: std::time::Duration,
+    in_window: u32,
+    suppressed: u64,
+    written: u64,
+    capped: bool,
+}
+
+impl NoteState {
+    fn new() -> NoteState {
+        NoteState {
+            window_start: std::time::Duration::ZERO,
+            in_window: 0,
+            suppressed: 0,
+            written: 0,
+            capped: false,
+        }
+    }
+
+    /// The text to write for `msg` at `now`, if any.
+    fn admit(&mut self, msg: &str, now: std::time::Duration) -> Option<String> {
+        if self.capped {
+            return None;
+        }
+        if now.saturating_sub(self.window_start) >= NOTE_WINDOW {
+            self.window_start = now;
+            self.in_window = 0;
+        }
+        if self.in_window >= NOTE_BURST {
+            self.suppressed = self.suppressed.saturating_add(1);
+            return None;
+        }
+        self.in_window += 1;
+        let mut line = String::new();
+        if self.suppressed > 0 {
+            line.push_str(&format!("shim: {} messages suppressed\n", self.suppressed));
+            self.suppressed = 0;
+        }
+        line.push_str(&format!("shim: {}\n", msg.replace('\n', " ")));
+        let len = line.len() as u64;
+        if self.written.saturating_add(len) > NOTE_CAP {
+            self.capped = true;
+            return Some("shim: message cap reached; no more messages\n".into());
+        }
+        self.written += len;
+        Some(line)
+    }
 }
 
 fn host_device(path: &str) -> anyhow::Result<HostDevice> {
@@ -141,7 +242,12 @@ fn create_and_start(
     std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
     std::fs::create_dir_all(&cfg.container_root)?;
 
-    let mut log = RotatingLog::open(&cfg.log_dir, cfg.spec.name.as_str(), cfg.log_cap)?;
+    // The records this shim must be able to write whatever happens to the run
+    // dir later: their space is taken now, while a failure is still a plain
+    // start failure.
+    instance::reserve(dir, instance::STARTED).context("reserving space for started.json")?;
+    instance::reserve(dir, instance::EXIT).context("reserving space for exit.json")?;
+    let mut log = RotatingLog::open(&cfg.log_dir, cfg.spec.name.as_str(), cfg.log_cap);
     // One pipe for stdout and stderr: the log keeps the order the app wrote
     // in, as `2>&1` would (two pipes drained by two threads reorder them).
     let (out_r, out_w) = nix::unistd::pipe()?;
@@ -191,24 +297,41 @@ fn create_and_start(
         shim_start_ticks: instance::process_start_ticks(me).unwrap_or(0),
         started_boot_ms: instance::boot_ms(),
     };
-    instance::write(dir, instance::STARTED, &started)?;
+    instance::write_reserved(dir, instance::STARTED, &started)?;
     Ok(pid)
 }
 
 fn copy_to_log(fd: OwnedFd, log: &mut RotatingLog) {
     let mut f = std::fs::File::from(fd);
     let mut buf = [0u8; 8192];
+    let mut failing = false;
     loop {
         match f.read(&mut buf) {
-            Ok(0) => return,
+            Ok(0) => break,
             Ok(n) => {
-                if let Err(e) = log.write(&buf[..n]) {
-                    // Keep draining so the container never blocks on a full pipe.
-                    eprintln!("shim: log write failed: {e}");
+                // Keep draining whatever happens, so the container never blocks
+                // on a full pipe; what cannot be written is dropped and counted.
+                match log.write(&buf[..n]) {
+                    Err(e) if !failing => {
+                        failing = true;
+                        note(&format!("log write failed ({e}): dropping output until it can be written"));
+                    }
+                    Ok(()) if failing => {
+                        failing = false;
+                        note("log writable again");
+                    }
+                    _ => {}
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return,
+            Err(_) => break,
+        }
+    }
+    if log.dropped() > 0 {
+        // One last try to say how much was lost (a write of nothing adds only the note).
+        let _ = log.write(b"");
+        if log.dropped() > 0 {
+            note(&format!("{} bytes of output dropped and never reported in the log", log.dropped()));
         }
     }
 }
@@ -224,7 +347,7 @@ fn wait_exit(pid: i32) -> ExitInfo {
             }
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                eprintln!("shim: waitpid({pid}): {e}");
+                note(&format!("waitpid({pid}): {e}"));
                 return ExitInfo { code: None, signal: None, oom_killed: false };
             }
         }
@@ -242,14 +365,40 @@ fn cleanup(dir: &Path, cfg: &ShimConfig, created: bool) {
                 Container::load(cfg.container_root.join(&cfg.container_id)).and_then(|mut c| c.delete(true));
             match result {
                 Ok(()) => break,
-                Err(e) if attempt == 19 => eprintln!("shim: delete {}: {e}", cfg.container_id),
+                Err(e) if attempt == 19 => note(&format!("delete {}: {e}", cfg.container_id)),
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
             }
         }
         let _ = std::fs::remove_dir_all(cfg.container_root.join(&cfg.container_id));
     }
     if let Err(e) = image::unmount_rootfs(&dir.join("rootfs")) {
-        eprintln!("shim: unmount rootfs: {e}");
+        note(&format!("unmount rootfs: {e}"));
     }
     let _ = std::fs::remove_dir_all(dir.join("bundle"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn notes_are_rate_limited_and_capped() {
+        let mut n = NoteState::new();
+        let t0 = Duration::from_secs(1);
+        let got: Vec<_> = (0..15).filter_map(|i| n.admit(&format!("m{i}"), t0)).collect();
+        assert_eq!(got.len(), NOTE_BURST as usize);
+        let next = n.admit("later", t0 + NOTE_WINDOW).unwrap();
+        assert_eq!(next, "shim: 5 messages suppressed\nshim: later\n");
+        // The cap holds over any number of windows.
+        let big = "x".repeat(1000);
+        let mut total = 0;
+        for w in 2..2000u64 {
+            if let Some(l) = n.admit(&big, NOTE_WINDOW * w as u32) {
+                total += l.len();
+            }
+        }
+        assert!(total as u64 <= NOTE_CAP + 100, "{total}");
+        assert!(n.admit("after cap", NOTE_WINDOW * 5000).is_none());
+    }
 }

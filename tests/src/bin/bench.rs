@@ -16,7 +16,10 @@
 //! - board: on the emulated aarch64 board (QEMU), boot -> all apps running
 //!   and the agent's memory with 5 apps (see `skiff_tests::board`).
 //!
-//! Sections can be picked: `bench start memory mqtt size reconcile board`.
+//! - storm: a desired state of 1,000 apps: time from `skiff apply` to all
+//!   running, and `skiff ps` latency while they start (median, p95, max).
+//!
+//! Sections can be picked: `bench start memory mqtt size reconcile board storm`.
 
 use serde_json::Value;
 use skiff_tests::agent::{repo, wait_for, Sandbox};
@@ -61,6 +64,54 @@ fn main() {
     if run("board") {
         board();
     }
+    if run("storm") {
+        storm(1000);
+    }
+}
+
+/// `n` apps applied at once: how long until all run, and how `ps` answers meanwhile.
+fn storm(n: usize) {
+    let mut sb = Sandbox::new();
+    sb.start_agent();
+    let mut toml = String::new();
+    for i in 0..n {
+        toml.push_str(&format!(
+            "[[app]]\nname = \"storm-{i:04}\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"100000\"]\nstop_grace = \"0s\"\n"
+        ));
+    }
+    let t = Instant::now();
+    sb.apply(&toml);
+    let mut ps_ms = Vec::new();
+    let all_running = loop {
+        let q = Instant::now();
+        let ps = sb.ps();
+        ps_ms.push(q.elapsed().as_secs_f64() * 1000.0);
+        let apps = ps["apps"].as_array().unwrap();
+        let running = apps.iter().filter(|a| a["phase"] == "running").count();
+        if running == n {
+            break t.elapsed();
+        }
+        assert!(t.elapsed() < Duration::from_secs(900), "only {running} of {n} running after 15 min");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (med, p95, _) = stats(ps_ms.clone());
+    let max = ps_ms.iter().cloned().fold(0.0, f64::max);
+    println!("storm: {n} apps applied at once");
+    println!(
+        "  apply -> all running: {:.1} s ({:.1} ms per app)",
+        all_running.as_secs_f64(),
+        all_running.as_secs_f64() * 1000.0 / n as f64
+    );
+    println!(
+        "  `skiff ps` during the start ({} calls): median {med:.1} ms, p95 {p95:.1} ms, max {max:.1} ms",
+        ps_ms.len()
+    );
+    let t = Instant::now();
+    sb.apply("");
+    wait_for(Duration::from_secs(600), "every app removed", || {
+        sb.ps()["apps"].as_array().unwrap().is_empty().then_some(())
+    });
+    println!("  removing all: {:.1} s\n", t.elapsed().as_secs_f64());
 }
 
 fn wait_file(p: &Path, timeout: Duration) -> Duration {

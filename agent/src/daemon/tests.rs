@@ -1,0 +1,370 @@
+//! The daemon loop on in-memory ports: no root, no containers, no registry.
+//! Each test asserts what the loop carried out (starts, stops, writes, pulls,
+//! answers to the link), never how long it took.
+
+use super::*;
+use crate::link::Incoming;
+use skiff_common::{toml_file, AppSpec, ExitInfo, Probe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+type Key = (AppName, u64);
+
+#[derive(Default)]
+struct Record {
+    /// Every start: app, instance, image.
+    starts: Vec<(AppName, u64, String)>,
+    stops: Vec<Key>,
+    removed: Vec<AppName>,
+    running: HashMap<Key, oneshot::Sender<ExitInfo>>,
+}
+
+#[derive(Default)]
+struct FakeContainers {
+    rec: Arc<Mutex<Record>>,
+    /// Creations under way now, and the most seen at once.
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+}
+
+impl FakeContainers {
+    fn rec(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.rec.lock().unwrap()
+    }
+}
+
+impl Containers for FakeContainers {
+    fn scan(&self) -> Vec<crate::runtime::Found> {
+        Vec::new()
+    }
+
+    fn start(&self, spec: AppSpec, instance: u64) -> BoxFut<Result<Running, String>> {
+        let (tx, rx) = oneshot::channel();
+        let n = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(n, Ordering::SeqCst);
+        {
+            let mut r = self.rec();
+            r.starts.push((spec.name.clone(), instance, spec.image.to_string()));
+            r.running.insert((spec.name.clone(), instance), tx);
+        }
+        let in_flight = self.in_flight.clone();
+        Box::pin(async move {
+            // Creating a container takes a while; others queue meanwhile.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            Ok(Running {
+                pid: 100,
+                digest: "sha256:fake".into(),
+                exit: Box::pin(async move {
+                    rx.await.unwrap_or(ExitInfo { code: None, signal: Some(9), oom_killed: false })
+                }),
+            })
+        })
+    }
+
+    fn watch(&self, _: AppName, _: u64, _: crate::runtime::instance::Started) -> BoxFut<ExitInfo> {
+        Box::pin(std::future::pending())
+    }
+
+    fn stop(&self, app: AppName, instance: u64, _: Duration) -> BoxFut<()> {
+        let mut r = self.rec();
+        r.stops.push((app.clone(), instance));
+        if let Some(tx) = r.running.remove(&(app, instance)) {
+            let _ = tx.send(ExitInfo { code: None, signal: Some(15), oom_killed: false });
+        }
+        Box::pin(async {})
+    }
+
+    fn probe(&self, _: AppName, _: u64, _: Probe) -> BoxFut<(bool, String)> {
+        Box::pin(async { (true, String::new()) })
+    }
+
+    fn reap_lost(&self, _: AppName, _: u64) -> BoxFut<()> {
+        Box::pin(async {})
+    }
+
+    fn forget(&self, _: &AppName, _: u64) {}
+
+    fn remove_app(&self, app: &AppName) {
+        self.rec().removed.push(app.clone());
+    }
+}
+
+/// The state file in memory.
+struct FakeStates {
+    current: Mutex<DesiredState>,
+    saves: Mutex<Vec<u64>>,
+    fail_saves: Mutex<Option<String>>,
+    path: PathBuf,
+}
+
+impl States for FakeStates {
+    fn load(&self) -> Result<(DesiredState, Option<String>), String> {
+        Ok((self.current.lock().unwrap().clone(), None))
+    }
+
+    fn save(&self, state: DesiredState) -> Result<(), String> {
+        if let Some(e) = self.fail_saves.lock().unwrap().clone() {
+            return Err(e);
+        }
+        self.saves.lock().unwrap().push(state.generation);
+        *self.current.lock().unwrap() = state;
+        Ok(())
+    }
+
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+}
+
+/// A store with `present` images; each pull waits until the test lets it end.
+#[derive(Default)]
+struct FakeImages {
+    present: Mutex<BTreeSet<ImageRef>>,
+    pulls: Mutex<Vec<String>>,
+    gates: Mutex<HashMap<String, oneshot::Sender<Result<(), String>>>>,
+    collected: Mutex<Vec<BTreeSet<ImageRef>>>,
+}
+
+impl Images for Arc<FakeImages> {
+    fn present(&self, images: &[ImageRef]) -> BTreeSet<ImageRef> {
+        let p = self.present.lock().unwrap();
+        images.iter().filter(|i| p.contains(i)).cloned().collect()
+    }
+
+    fn pull(&self, image: ImageRef, progress: Progress) -> BoxFut<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        self.pulls.lock().unwrap().push(image.to_string());
+        self.gates.lock().unwrap().insert(image.to_string(), tx);
+        let me = self.clone();
+        Box::pin(async move {
+            progress(512, 1024);
+            let r = rx.await.unwrap_or_else(|_| Err("test ended".into()));
+            if r.is_ok() {
+                me.present.lock().unwrap().insert(image);
+            }
+            r
+        })
+    }
+
+    fn collect(&self, keep: &BTreeSet<ImageRef>) {
+        self.collected.lock().unwrap().push(keep.clone());
+    }
+}
+
+struct Harness {
+    containers: Arc<FakeContainers>,
+    states: Arc<FakeStates>,
+    images: Arc<FakeImages>,
+    link: mpsc::Sender<Incoming>,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn state(generation: u64, origin: Origin, apps: &[(&str, &str)]) -> DesiredState {
+    let mut text = String::new();
+    for (name, image) in apps {
+        text.push_str(&format!(
+            "[[app]]\nname = \"{name}\"\nimage = \"{image}\"\ncommand = [\"sleep\", \"9\"]\n"
+        ));
+    }
+    let mut s = toml_file::parse(&text).unwrap();
+    s.generation = generation;
+    s.origin = origin;
+    s
+}
+
+fn img(s: &str) -> ImageRef {
+    ImageRef::try_from(s).unwrap()
+}
+
+fn name(s: &str) -> AppName {
+    AppName::try_from(s).unwrap()
+}
+
+impl Harness {
+    fn start(initial: DesiredState, present: &[&str]) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("skiff.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let containers = Arc::new(FakeContainers::default());
+        let states = Arc::new(FakeStates {
+            current: Mutex::new(initial.clone()),
+            saves: Mutex::default(),
+            fail_saves: Mutex::default(),
+            path: dir.path().join("desired.skf"),
+        });
+        let images = Arc::new(FakeImages::default());
+        images.present.lock().unwrap().extend(present.iter().map(|s| img(s)));
+        let (link, incoming) = mpsc::channel(4);
+        let parts = Parts {
+            containers: containers.clone(),
+            states: states.clone(),
+            images: Arc::new(images.clone()),
+            backoff: BackoffConfig::default(),
+            listener,
+            usage: None,
+            link: None,
+            incoming: Some(incoming),
+            initial: (initial, None),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run_with(parts, async move {
+            let _ = stopped.await;
+        }));
+        Harness { containers, states, images, link, socket, _dir: dir, stop: Some(stop), task }
+    }
+
+    async fn ps(&self) -> PsReply {
+        match api::call(&self.socket, &Request::Ps).await.unwrap() {
+            Response::Ps(p) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Waits (up to 10 s) until `f` holds.
+    async fn until(&self, what: &str, f: impl Fn(&Harness) -> bool) {
+        for _ in 0..1000 {
+            if f(self) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    async fn offer(&self, s: DesiredState) -> oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        self.link.send(Incoming::Desired { state: s, persisted: tx }).await.unwrap();
+        rx
+    }
+
+    fn release(&self, image: &str, result: Result<(), String>) {
+        let gate = self.images.gates.lock().unwrap().remove(image).expect("a pull waiting");
+        gate.send(result).unwrap();
+    }
+
+    fn running(&self) -> Vec<(String, String)> {
+        let r = self.containers.rec();
+        let mut v: Vec<(String, String)> = r
+            .running
+            .keys()
+            .map(|(a, i)| {
+                let image = r.starts.iter().find(|(sa, si, _)| sa == a && si == i).unwrap().2.clone();
+                (a.to_string(), image)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_start_storm_goes_through_in_bounded_waves_and_the_api_answers_meanwhile() {
+    let apps: Vec<(String, String)> =
+        (0..60).map(|i| (format!("app-{i:03}"), "busybox:1".to_string())).collect();
+    let refs: Vec<(&str, &str)> = apps.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let h = Harness::start(state(1, Origin::Local, &refs), &["busybox:1"]);
+    // The API answers while the storm is on.
+    let ps = h.ps().await;
+    assert_eq!(ps.apps.len(), 60);
+    h.until("every app running", |h| h.containers.rec().running.len() == 60).await;
+    assert_eq!(h.containers.max_in_flight.load(Ordering::SeqCst), START_CONCURRENCY);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_new_image_is_pulled_before_the_old_container_stops() {
+    let h = Harness::start(state(1, Origin::Local, &[("web", "web:1"), ("db", "db:1")]), &["web:1", "db:1"]);
+    h.until("both apps running", |h| h.running().len() == 2).await;
+
+    let answer = h.offer(state(10, Origin::Controller, &[("web", "web:2"), ("db", "db:1")])).await;
+    h.until("the pull started", |h| h.images.pulls.lock().unwrap().len() == 1).await;
+    assert_eq!(*h.images.pulls.lock().unwrap(), vec!["web:2"]);
+    // While it pulls: nothing written, nothing stopped, progress in ps.
+    let mut ps = h.ps().await;
+    for _ in 0..500 {
+        if !ps.pulls.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        ps = h.ps().await;
+    }
+    assert_eq!(ps.generation, 1);
+    assert_eq!(ps.pulls.len(), 1, "{:?}", ps.pulls);
+    assert_eq!((ps.pulls[0].image.as_str(), ps.pulls[0].done, ps.pulls[0].total), ("web:2", 512, 1024));
+    assert!(h.states.saves.lock().unwrap().is_empty());
+    assert!(h.containers.rec().stops.is_empty());
+
+    h.release("web:2", Ok(()));
+    assert_eq!(answer.await.unwrap(), Ok(()));
+    assert_eq!(*h.states.saves.lock().unwrap(), vec![10], "persisted before the answer");
+    h.until("web replaced", |h| {
+        h.running() == [("db".into(), "db:1".into()), ("web".into(), "web:2".into())]
+    })
+    .await;
+    assert_eq!(h.containers.rec().stops, vec![(name("web"), 1)], "db kept running");
+    assert!(h.ps().await.pulls.is_empty());
+    // The old generation's images are kept, nothing else is named.
+    h.until("collection", |h| !h.images.collected.lock().unwrap().is_empty()).await;
+    let keep = h.images.collected.lock().unwrap().last().unwrap().clone();
+    assert_eq!(keep, [img("db:1"), img("web:1"), img("web:2")].into_iter().collect());
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_pull_stops_nothing_is_answered_and_shown() {
+    let h = Harness::start(state(1, Origin::Local, &[("web", "web:1")]), &["web:1"]);
+    h.until("web running", |h| h.running().len() == 1).await;
+    let answer = h.offer(state(10, Origin::Controller, &[("web", "web:2")])).await;
+    h.until("the pull started", |h| h.images.gates.lock().unwrap().contains_key("web:2")).await;
+    h.release("web:2", Err("registry 127.0.0.1:5000: connection refused".into()));
+    let got = answer.await.unwrap();
+    assert_eq!(got, Err("pulling web:2: registry 127.0.0.1:5000: connection refused".into()));
+    let ps = h.ps().await;
+    assert_eq!(ps.generation, 1);
+    assert_eq!(ps.pulls[0].error.as_deref(), Some("registry 127.0.0.1:5000: connection refused"));
+    assert!(h.states.saves.lock().unwrap().is_empty());
+    assert!(h.containers.rec().stops.is_empty());
+    assert_eq!(h.running(), [("web".into(), "web:1".into())]);
+    // The link offers it again later: the pull is tried again.
+    let answer = h.offer(state(10, Origin::Controller, &[("web", "web:2")])).await;
+    h.until("a second pull", |h| h.images.gates.lock().unwrap().contains_key("web:2")).await;
+    h.release("web:2", Ok(()));
+    assert_eq!(answer.await.unwrap(), Ok(()));
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_write_is_not_acknowledged_and_changes_nothing() {
+    let h = Harness::start(state(1, Origin::Local, &[("web", "web:1")]), &["web:1", "web:2"]);
+    h.until("web running", |h| h.running().len() == 1).await;
+    *h.states.fail_saves.lock().unwrap() = Some("No space left on device".into());
+    let answer = h.offer(state(10, Origin::Controller, &[("web", "web:2")])).await;
+    assert_eq!(answer.await.unwrap(), Err("No space left on device".into()));
+    assert!(h.containers.rec().stops.is_empty());
+    assert_eq!(h.ps().await.generation, 1);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_removed_app_is_stopped_and_its_files_removed() {
+    let h = Harness::start(state(1, Origin::Local, &[("web", "web:1"), ("old", "web:1")]), &["web:1"]);
+    h.until("both running", |h| h.running().len() == 2).await;
+    *h.states.current.lock().unwrap() = state(2, Origin::Local, &[("web", "web:1")]);
+    match api::call(&h.socket, &Request::Reload).await.unwrap() {
+        Response::Reloaded { generation } => assert_eq!(generation, 2),
+        other => panic!("{other:?}"),
+    }
+    h.until("old removed", |h| h.containers.rec().removed == [name("old")]).await;
+    assert_eq!(h.containers.rec().stops, vec![(name("old"), 1)]);
+    assert_eq!(h.running(), [("web".into(), "web:1".into())]);
+    h.shutdown().await;
+}
