@@ -155,7 +155,10 @@ impl StateStore {
                     .map(|s| s.generation)
                     .chain(damaged_generation(&self.path()))
                     .fold(floor, u64::max);
-                highest.checked_add(1).ok_or(StoreError::GenerationsExhausted(highest))?
+                highest
+                    .checked_add(1)
+                    .filter(|g| *g <= skiff_common::validate::MAX_GENERATION)
+                    .ok_or(StoreError::GenerationsExhausted(highest))?
             }
         };
         let bytes = state_file::encode(&next).map_err(StoreError::Unstorable)?;
@@ -319,10 +322,14 @@ mod tests {
     fn generations_never_wrap() {
         let d = tempfile::tempdir().unwrap();
         let s = StateStore::new(d.path());
-        assert_eq!(s.save(state("one"), Some(u64::MAX)).unwrap(), Saved::Written(u64::MAX));
+        let max = skiff_common::validate::MAX_GENERATION;
+        assert_eq!(s.save(state("one"), Some(max)).unwrap(), Saved::Written(max));
         let before = files(&s);
         let e = s.save(state("two"), None).unwrap_err();
-        assert!(matches!(e, StoreError::GenerationsExhausted(u64::MAX)), "{e}");
+        assert!(matches!(e, StoreError::GenerationsExhausted(g) if g == max), "{e}");
+        // A generation beyond the bound is refused before anything is written.
+        let e = s.save(state("two"), Some(max + 1)).unwrap_err();
+        assert!(matches!(e, StoreError::Unstorable(_)), "{e}");
         assert_eq!(files(&s), before);
         let d = tempfile::tempdir().unwrap();
         let s = StateStore::new(d.path());
