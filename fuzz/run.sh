@@ -9,7 +9,8 @@
 # nightly toolchain and no cargo-fuzz install): sancov instrumentation, the
 # `fuzzing` cfg, debug assertions and overflow checks. --target keeps build
 # scripts and proc macros uninstrumented. Corpora grow in fuzz/corpus/<target>/
-# (not committed), seeded from fuzz/seeds/<target>/ where there is one.
+# (not committed), seeded from fuzz/seeds/<target>/ where there is one. Not
+# --locked: fuzz/Cargo.lock follows the workspace's lock as the agent gains deps.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,7 +34,7 @@ flags=(
 )
 bins=()
 for t in "${targets[@]}"; do bins+=(--bin "$t"); done
-RUSTFLAGS="${flags[*]}" cargo build --locked --release -q --target "$host" "${bins[@]}"
+RUSTFLAGS="${flags[*]}" cargo build --release -q --target "$host" "${bins[@]}"
 
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
