@@ -15,9 +15,10 @@ use crate::runtime::logs;
 use crate::store::{Saved, StateStore, StoreError};
 use clap::{Args, Parser, Subcommand};
 use skiff_common::quantity::{parse_bytes, parse_duration};
-use skiff_common::{toml_file, AppStatus, Health, Phase};
+use skiff_common::{toml_file, AppStatus, Health, Phase, PullPolicy};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const EXIT_ERROR: i32 = 1;
@@ -69,10 +70,13 @@ enum Cmd {
     /// Run the agent: keep the desired state running (the daemon).
     Agent(AgentArgs),
     /// Set the desired state from a file; the running agent applies it within a second.
+    /// Images it needs are pulled first (per app `pull` policy); nothing is written if one cannot be had.
     Apply {
         /// The desired-state file (TOML).
         #[arg(short, long)]
         file: PathBuf,
+        #[command(flatten)]
+        pull: PullArgs,
     },
     /// Check a desired-state file without applying it.
     Validate {
@@ -166,6 +170,10 @@ struct PullArgs {
     /// Disk the image store may take, partial downloads included, e.g. 2Gi [default: no limit].
     #[arg(long, env = "SKIFF_IMAGE_BUDGET", value_parser = parse_bytes)]
     image_budget: Option<u64>,
+    /// How long a pull retries an unreachable registry before it is reported failed
+    /// (the agent then tries again later, resuming) [default: 30s for the agent, 10m for commands].
+    #[arg(long, env = "SKIFF_PULL_RETRY", value_parser = parse_duration)]
+    pull_retry: Option<Duration>,
 }
 
 impl PullArgs {
@@ -175,6 +183,7 @@ impl PullArgs {
             rate: self.pull_rate,
             budget: self.image_budget,
             insecure: Vec::new(),
+            retry_budget: self.pull_retry,
         }
     }
 }
@@ -268,7 +277,7 @@ pub fn main() -> i32 {
     }
     let result = match cli.cmd {
         Cmd::Agent(a) => agent(paths, a),
-        Cmd::Apply { file } => apply(&paths, &file),
+        Cmd::Apply { file, pull } => apply(&paths, &file, &pull),
         Cmd::Validate { file } => validate(&file).map(|_| println!("{}: ok", file.display())),
         Cmd::Ps { json } => ps(&paths, json),
         Cmd::Logs { app, tail, follow } => logs_cmd(&paths, &app, tail, follow),
@@ -328,7 +337,7 @@ fn is_config_error(e: &anyhow::Error) -> bool {
             || c.downcast_ref::<localfile::LocalFileError>().is_some()
             || matches!(
                 c.downcast_ref::<StoreError>(),
-                Some(StoreError::Unstorable(_) | StoreError::GenerationsExhausted(_))
+                Some(StoreError::Unstorable(_) | StoreError::GenerationsExhausted { .. })
             )
     })
 }
@@ -346,6 +355,9 @@ impl std::error::Error for Invalid {}
 fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
+
+/// How long one pull of the agent retries without progress before it is reported.
+const AGENT_PULL_RETRY: Duration = Duration::from_secs(30);
 
 fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -368,9 +380,14 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
         link: a.mqtt.link_config()?,
         images: None,
     };
-    // For the daemon's pulls: `ImageStore::open(..).with_budget(pull.budget)`, `pull.client()`.
-    let pull = a.pull.config();
-    pull.client().map_err(|e| Invalid(format!("--registries: {e}")))?;
+    let mut pull = a.pull.config();
+    pull.retry_budget.get_or_insert(AGENT_PULL_RETRY);
+    let client = pull.client().map_err(|e| Invalid(format!("--registries: {e}")))?;
+    let store = ImageStore::open(&cfg.paths.images())?.with_budget(pull.budget);
+    let cfg = crate::daemon::AgentConfig {
+        images: Some(Arc::new(crate::daemon::RegistryImages { store, client: Arc::new(client) })),
+        ..cfg
+    };
     // Another agent answering on the socket keeps it; otherwise the socket
     // this agent binds goes when it ends, however it ends.
     let other_agent = std::os::unix::net::UnixStream::connect(&socket).is_ok();
@@ -403,26 +420,37 @@ fn validate(file: &Path) -> anyhow::Result<skiff_common::DesiredState> {
     })
 }
 
-fn apply(paths: &Paths, file: &Path) -> anyhow::Result<()> {
+fn apply(paths: &Paths, file: &Path, pull: &PullArgs) -> anyhow::Result<()> {
     let state = validate(file)?;
     // An app whose image is not here would be stopped and never come back:
-    // refuse the state instead, before anything is written.
-    let store = ImageStore::open(&paths.images())?;
-    let missing: Vec<String> = state
-        .apps
-        .iter()
-        .filter(|a| store.resolve(&a.image).is_err())
-        .map(|a| {
-            format!(
-                "{}: app {:?}: image {} is not in the image store (load it with `skiff image load` first)",
+    // pull what is missing (and what `always` asks for), or refuse the state,
+    // before anything is written.
+    let cfg = pull.config();
+    let store = ImageStore::open(&paths.images())?.with_budget(cfg.budget);
+    let mut missing = Vec::new();
+    let mut to_pull: Vec<&skiff_common::ImageRef> = Vec::new();
+    for a in &state.apps {
+        let here = store.contains(&a.image);
+        match a.pull {
+            PullPolicy::Never if !here => missing.push(format!(
+                "{}: app {:?}: image {} is not in the image store and its pull policy is never (load it with `skiff image load` first)",
                 file.display(),
                 a.name.as_str(),
                 a.image
-            )
-        })
-        .collect();
+            )),
+            PullPolicy::Always => to_pull.push(&a.image),
+            PullPolicy::IfNotPresent if !here => to_pull.push(&a.image),
+            _ => {}
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    to_pull.retain(|i| seen.insert(i.to_string()));
     if !missing.is_empty() {
         return Err(Invalid(missing.join("\n")).into());
+    }
+    for image in to_pull {
+        image::cli_pull(&store, &cfg, &image.to_string(), false, false)
+            .map_err(|e| anyhow::anyhow!("{}: image {image}: {e:#}; nothing was applied", file.display()))?;
     }
     // A running agent may run a generation no readable file holds any more
     // (the file was damaged after it loaded it): stay above it too.
@@ -436,7 +464,7 @@ fn apply(paths: &Paths, file: &Path) -> anyhow::Result<()> {
     };
     let store = StateStore::new(&paths.state_dir);
     let saved = store.save_above(state, running).map_err(|e| match e {
-        StoreError::Unstorable(_) | StoreError::GenerationsExhausted(_) => {
+        StoreError::Unstorable(_) | StoreError::GenerationsExhausted { .. } => {
             anyhow::Error::from(Invalid(format!("{}: {e}", file.display())))
         }
         e => e.into(),

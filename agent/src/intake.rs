@@ -12,7 +12,8 @@
 //!   `Input::Persisted`. Pulls go one at a time: a new `Pull` only comes out
 //!   after the previous one was answered.
 //! - `Output::Apply` hands a state to the reconciler; `Output::Collect` lets the
-//!   image store drop what neither that state nor the one before it uses.
+//!   image store drop what neither that state nor the one before it uses (not
+//!   after the first state of a run, whose predecessor is not known).
 //!
 //! Decisions:
 //! - A controller state is persisted only once every image it needs is in the
@@ -256,11 +257,16 @@ impl Intake {
     }
 
     fn apply(&mut self, state: DesiredState, out: &mut Vec<Output>) {
+        // The first state of a run is the one on flash: the generation before it
+        // is not known here, so nothing is collected until the state changes.
+        let collect = self.applied.generation != 0;
         let keep: BTreeSet<ImageRef> =
             self.applied.apps.iter().chain(state.apps.iter()).map(|a| a.image.clone()).collect();
         self.applied = state.clone();
         out.push(Output::Apply { state });
-        out.push(Output::Collect { keep });
+        if collect {
+            out.push(Output::Collect { keep });
+        }
     }
 }
 
@@ -299,13 +305,10 @@ mod tests {
         let out = i.step(Input::Offered { state: s.clone(), present: present(&["web:1"]) });
         assert_eq!(out, vec![Output::Persist { state: s.clone() }]);
         let out = i.step(Input::Persisted { generation: 5, result: Ok(()) });
+        // The first state of a run: nothing is collected (its predecessor is unknown).
         assert_eq!(
             out,
-            vec![
-                Output::Answer { generation: 5, result: Ok(()) },
-                Output::Apply { state: s.clone() },
-                keep(&["web:1"]),
-            ]
+            vec![Output::Answer { generation: 5, result: Ok(()) }, Output::Apply { state: s.clone() }]
         );
         assert_eq!(i.applied().generation, 5);
     }
@@ -424,10 +427,7 @@ mod tests {
         let mut i = Intake::new();
         let local = state(2, Origin::Local, &[("a", "a:1", "if-not-present")]);
         let out = i.step(Input::Loaded { result: Ok((local.clone(), None)) });
-        assert_eq!(
-            out,
-            vec![Output::Apply { state: local }, keep(&["a:1"]), Output::Reloaded { result: Ok(2) }]
-        );
+        assert_eq!(out, vec![Output::Apply { state: local }, Output::Reloaded { result: Ok(2) }]);
         let s = state(9, Origin::Controller, &[("a", "a:2", "if-not-present")]);
         i.step(Input::Offered { state: s.clone(), present: present(&["a:2"]) });
         let out = i.step(Input::Persisted { generation: 9, result: Ok(()) });

@@ -18,6 +18,7 @@
 use crate::fsutil::sync_dir;
 use nix::fcntl::{Flock, FlockArg};
 use skiff_common::codec::{state_file, CodecError};
+use skiff_common::validate::MAX_GENERATION;
 use skiff_common::DesiredState;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -32,8 +33,10 @@ pub enum StoreError {
     /// The state would not load back (over the size limit, say): not written.
     #[error("the desired state cannot be stored: {0}")]
     Unstorable(CodecError),
-    #[error("generation {0} is the last one; no later generation can be stored")]
-    GenerationsExhausted(u64),
+    #[error(
+        "{path}: generation {generation} is the highest allowed, so a local apply cannot follow it; `skiffctl apply --reset` takes the device back, or remove the file to start over"
+    )]
+    GenerationsExhausted { path: PathBuf, generation: u64 },
 }
 
 pub struct StateStore {
@@ -155,10 +158,11 @@ impl StateStore {
                     .map(|s| s.generation)
                     .chain(damaged_generation(&self.path()))
                     .fold(floor, u64::max);
+                // Checked: a generation at the bound must not wrap to 0.
                 highest
                     .checked_add(1)
-                    .filter(|g| *g <= skiff_common::validate::MAX_GENERATION)
-                    .ok_or(StoreError::GenerationsExhausted(highest))?
+                    .filter(|g| *g <= MAX_GENERATION)
+                    .ok_or(StoreError::GenerationsExhausted { path: self.path(), generation: highest })?
             }
         };
         let bytes = state_file::encode(&next).map_err(StoreError::Unstorable)?;
@@ -250,6 +254,41 @@ mod tests {
     }
 
     #[test]
+    fn a_state_that_breaks_an_invariant_is_treated_as_corrupt() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        assert_eq!(s.save(state("one"), None).unwrap(), Saved::Written(1));
+        assert_eq!(s.save(state("two"), None).unwrap(), Saved::Written(2));
+        // Well-formed and CRC-correct, but a stop grace that would overflow
+        // `Instant + grace` at the first stop (and crash the agent on every boot).
+        let mut bad = state("two");
+        bad.generation = 3;
+        bad.apps[0].stop_grace = std::time::Duration::MAX;
+        let bytes =
+            skiff_common::codec::encode(skiff_common::codec::Kind::StateFile, state_file::SCHEMA, &bad)
+                .unwrap();
+        std::fs::write(s.path(), bytes).unwrap();
+        let l = s.load().unwrap();
+        assert_eq!((l.state.generation, l.state.apps[0].image.to_string().as_str()), (1, "one"));
+        let why = l.fell_back.unwrap();
+        assert!(why.ends_with("invalid desired state: app \"a\": stop_grace: must be at most 10m"), "{why}");
+    }
+
+    #[test]
+    fn a_local_apply_at_the_highest_generation_is_refused_not_wrapped() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        assert_eq!(s.save(state("one"), Some(MAX_GENERATION)).unwrap(), Saved::Written(MAX_GENERATION));
+        let before = std::fs::read(s.path()).unwrap();
+        let e = s.save(state("two"), None).unwrap_err();
+        assert!(matches!(e, StoreError::GenerationsExhausted { generation: MAX_GENERATION, .. }), "{e}");
+        assert_eq!(std::fs::read(s.path()).unwrap(), before);
+        // Beyond the bound, not even the controller's number is written.
+        assert!(matches!(s.save(state("two"), Some(MAX_GENERATION + 1)), Err(StoreError::Unstorable(_))));
+        assert_eq!(s.load().unwrap().state.generation, MAX_GENERATION);
+    }
+
+    #[test]
     fn controller_generation_is_kept() {
         let d = tempfile::tempdir().unwrap();
         let s = StateStore::new(d.path());
@@ -322,17 +361,17 @@ mod tests {
     fn generations_never_wrap() {
         let d = tempfile::tempdir().unwrap();
         let s = StateStore::new(d.path());
-        let max = skiff_common::validate::MAX_GENERATION;
+        let max = MAX_GENERATION;
         assert_eq!(s.save(state("one"), Some(max)).unwrap(), Saved::Written(max));
         let before = files(&s);
         let e = s.save(state("two"), None).unwrap_err();
-        assert!(matches!(e, StoreError::GenerationsExhausted(g) if g == max), "{e}");
+        assert!(matches!(e, StoreError::GenerationsExhausted { generation, .. } if generation == max), "{e}");
         // A generation beyond the bound is refused before anything is written.
         let e = s.save(state("two"), Some(max + 1)).unwrap_err();
         assert!(matches!(e, StoreError::Unstorable(_)), "{e}");
         assert_eq!(files(&s), before);
         let d = tempfile::tempdir().unwrap();
         let s = StateStore::new(d.path());
-        assert!(matches!(s.save_above(state("one"), u64::MAX), Err(StoreError::GenerationsExhausted(_))));
+        assert!(matches!(s.save_above(state("one"), u64::MAX), Err(StoreError::GenerationsExhausted { .. })));
     }
 }

@@ -8,6 +8,11 @@
 //! `skiff apply` counts), and the current Unix time in seconds (which keeps
 //! growing when the broker forgot everything). `--generation` overrides it,
 //! but never below what a device already has: it would refuse the state.
+//! Generations are bounded (`validate::MAX_GENERATION`) and never wrap: a
+//! device at the bound (or at any generation the controller cannot follow)
+//! is taken back with `--reset`, which signs, per device, the generation the
+//! device reports as the one the state replaces (see the README, MQTT
+//! protocol).
 
 use crate::fleet;
 use crate::keys;
@@ -20,8 +25,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use rumqttc::QoS;
 use skiff_common::protocol::{
-    decode_reported, parse_topic, peek_desired, seal_desired, topic, Channel, DeviceId, KeyId,
+    decode_reported, parse_topic, peek_desired, seal_desired_body, topic, Channel, DesiredBody, DeviceId,
+    KeyId,
 };
+use skiff_common::validate::MAX_GENERATION;
 use skiff_common::{toml_file, Origin};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -46,6 +53,11 @@ pub struct ApplyArgs {
     /// Publish this generation instead of the automatic one.
     #[arg(long, value_name = "N")]
     generation: Option<u64>,
+    /// Take the devices back from a generation they would not leave: the
+    /// state replaces the generation each device reports, even with a lower
+    /// generation (the current time, or --generation).
+    #[arg(long)]
+    reset: bool,
     #[command(flatten)]
     broker: BrokerArgs,
     #[command(flatten)]
@@ -78,6 +90,7 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
     let filters: Vec<String> =
         devices.iter().flat_map(|d| [topic(d, Channel::Desired), topic(d, Channel::Reported)]).collect();
     let mut current: BTreeMap<DeviceId, u64> = devices.iter().map(|d| (d.clone(), 0)).collect();
+    let mut reported: BTreeMap<DeviceId, u64> = BTreeMap::new();
     for p in conn.collect(&filters).await? {
         let Ok((device, channel)) = parse_topic(&p.topic) else {
             continue;
@@ -90,23 +103,37 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
         };
         if let (Some(g), Some(c)) = (generation, current.get_mut(&device)) {
             *c = (*c).max(g);
+            if channel == Channel::Reported {
+                reported.insert(device, g);
+            }
         }
     }
     let (newest_device, newest) =
         current.iter().max_by_key(|(_, g)| **g).map(|(d, g)| (d.clone(), *g)).expect("targets");
-    let generation = match args.generation {
-        Some(n) if n <= newest => bail!(
-            "--generation {n} is not above {newest}, the generation device {newest_device} already has; it would refuse the state"
-        ),
-        Some(n) => n,
-        None => (newest + 1).max(unix_now()),
-    };
+    let generation = pick_generation(&args, newest, &newest_device)?;
+    // With --reset, what each device's state replaces: the generation it reports.
+    let mut replaces: BTreeMap<DeviceId, Option<u64>> = BTreeMap::new();
+    for d in &devices {
+        let r = if args.reset {
+            let Some(&r) = reported.get(d) else {
+                bail!("device {d} has not reported a generation; --reset needs the one it has (is it connected?)")
+            };
+            if r == generation {
+                bail!("device {d} already has generation {generation}; nothing to reset");
+            }
+            Some(r)
+        } else {
+            None
+        };
+        replaces.insert(d.clone(), r);
+    }
     state.generation = generation;
     state.origin = Origin::Controller;
 
     let mut sent = Vec::new();
     for d in &devices {
-        let payload = seal_desired(&key, d, &state).with_context(|| format!("cannot sign for {d}"))?;
+        let body = DesiredBody { device: d.clone(), state: state.clone(), replaces: replaces[d] };
+        let payload = seal_desired_body(&key, &body).with_context(|| format!("cannot sign for {d}"))?;
         let t = topic(d, Channel::Desired);
         conn.client.publish(t.clone(), QoS::AtLeastOnce, true, payload.clone()).await?;
         sent.push((t, payload));
@@ -115,12 +142,40 @@ pub async fn apply(args: ApplyArgs) -> Result<()> {
     conn.close().await;
     let key_id = KeyId::of(&key.verifying_key());
     for d in &devices {
+        let reset = match replaces[d] {
+            Some(r) => format!(", a reset of generation {r}"),
+            None => String::new(),
+        };
         println!(
-            "{d}: generation {generation} published ({} app(s), signed by key {key_id})",
+            "{d}: generation {generation} published ({} app(s){reset}, signed by key {key_id})",
             state.apps.len()
         );
     }
     Ok(())
+}
+
+/// The generation to publish: checked, never wrapped, never above the bound.
+fn pick_generation(args: &ApplyArgs, newest: u64, newest_device: &DeviceId) -> Result<u64> {
+    if let Some(n) = args.generation {
+        if n > MAX_GENERATION {
+            bail!("--generation {n} is above the highest allowed, {MAX_GENERATION}");
+        }
+    }
+    if args.reset {
+        return Ok(args.generation.unwrap_or_else(unix_now).min(MAX_GENERATION));
+    }
+    match args.generation {
+        Some(n) if n <= newest => bail!(
+            "--generation {n} is not above {newest}, the generation device {newest_device} already has; it would refuse the state (`--reset` takes a device back)"
+        ),
+        Some(n) => Ok(n),
+        None => match newest.checked_add(1).filter(|g| *g <= MAX_GENERATION) {
+            Some(g) => Ok(g.max(unix_now()).min(MAX_GENERATION)),
+            None => bail!(
+                "device {newest_device} has generation {newest}, at or above the highest allowed ({MAX_GENERATION}); take it back with `skiffctl apply --reset`"
+            ),
+        },
+    }
 }
 
 fn targets(args: &ApplyArgs) -> Result<Vec<DeviceId>> {

@@ -386,7 +386,8 @@ impl Client {
                     return Err(Error::Stalled {
                         registry: ctx.registry(),
                         reference: ctx.reference(),
-                        secs: stall.as_secs(),
+                        what: what.clone(),
+                        ms: u64::try_from(stall.as_millis()).unwrap_or(u64::MAX),
                     })
                 }
                 Ok(Err(e)) => return Err(ctx.transfer(&what, e)),

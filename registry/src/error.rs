@@ -12,8 +12,8 @@ pub enum Error {
     Connect { registry: String, reference: String, msg: String },
     #[error("registry {registry}: {reference}: {msg}")]
     Transfer { registry: String, reference: String, msg: String },
-    #[error("registry {registry}: {reference}: no bytes for {secs} s (stalled)")]
-    Stalled { registry: String, reference: String, secs: u64 },
+    #[error("registry {registry}: {reference}: {what}: no bytes for {ms} ms (stalled)")]
+    Stalled { registry: String, reference: String, what: String, ms: u64 },
     #[error("registry {registry}: {reference}: HTTP {status} for {what}")]
     Status { registry: String, reference: String, status: u16, what: String },
     #[error("registry {registry}: {reference}: {what} not found")]

@@ -29,6 +29,20 @@ impl RateLimiter {
         RateLimiter { inner: Arc::new(Mutex::new(Bucket { rate, burst, tokens: 0, last: Instant::now() })) }
     }
 
+    /// Parses a rate as `--pull-rate` takes it: `256KiB/s`, `1MB/s`, `2Mi`, `65536`
+    /// (bytes per second; `Ki`/`Mi`/`Gi` powers of 1024, `K`/`M`/`G` of 1000).
+    pub fn parse(s: &str) -> Result<RateLimiter, String> {
+        let t = s.trim();
+        let t = t.strip_suffix("/s").unwrap_or(t);
+        let t = t.strip_suffix('B').unwrap_or(t);
+        let n = skiff_common::quantity::parse_bytes(t)
+            .map_err(|_| format!("{s:?} is not a rate (write e.g. 256KiB/s or 1MB/s)"))?;
+        if n == 0 {
+            return Err(format!("{s:?}: a rate must be above 0"));
+        }
+        Ok(RateLimiter::new(n))
+    }
+
     pub fn rate(&self) -> u64 {
         self.lock().rate
     }
@@ -93,6 +107,17 @@ mod tests {
         }
         let t = start.elapsed().as_secs_f64();
         assert!((9.9..=10.1).contains(&t), "shared: {t}");
+    }
+
+    #[test]
+    fn parses_rates() {
+        assert_eq!(RateLimiter::parse("256KiB/s").unwrap().rate(), 256 * 1024);
+        assert_eq!(RateLimiter::parse("1MB/s").unwrap().rate(), 1_000_000);
+        assert_eq!(RateLimiter::parse("2Mi").unwrap().rate(), 2 << 20);
+        assert_eq!(RateLimiter::parse("65536").unwrap().rate(), 65536);
+        for bad in ["", "0", "fast", "1TB/s", "-1"] {
+            assert!(RateLimiter::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod bench_mqtt;
+pub mod bench_registry;
 pub mod board;
 pub mod fleet;
 pub mod mqtt;

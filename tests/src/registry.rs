@@ -31,13 +31,36 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Plain HTTP.
     pub fn start() -> Result<Registry> {
+        Registry::start_with(false)
+    }
+
+    /// HTTPS with a certificate for 127.0.0.1 from a throw-away CA ([`Registry::ca`]).
+    pub fn start_tls() -> Result<Registry> {
+        Registry::start_with(true)
+    }
+
+    /// The CA that signed the HTTPS registry's certificate (PEM).
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    fn start_with(tls: bool) -> Result<Registry> {
         let dir = tempfile::Builder::new().prefix("skiff-registry-").tempdir()?;
         let port = free_port()?;
-        let config = format!(
+        let mut config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("data").display()
         );
+        if tls {
+            make_server_cert(dir.path())?;
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.path().join("server.crt").display(),
+                dir.path().join("server.key").display()
+            ));
+        }
         std::fs::write(dir.path().join("config.yml"), config)?;
         let log = std::fs::File::create(dir.path().join("registry.log"))?;
         let child = Command::new("docker-registry")
@@ -51,10 +74,13 @@ impl Registry {
         let mut reg = Registry { dir, port, child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(status) = get_status(port, "/v2/") {
-                if status == 200 {
-                    return Ok(reg);
-                }
+            let ready = if tls {
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            } else {
+                get_status(port, "/v2/").ok() == Some(200)
+            };
+            if ready {
+                return Ok(reg);
             }
             if let Some(c) = reg.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
@@ -116,6 +142,53 @@ impl Drop for Registry {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `ca.crt` and a `server.crt`/`server.key` for IP 127.0.0.1 signed by it.
+fn make_server_cert(dir: &Path) -> Result<()> {
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl").args(args).current_dir(dir).stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=skiff-registry-test-ca"]);
+    ca.extend([
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&ca)?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )?;
+    let mut req = vec!["req"];
+    req.extend(ec);
+    req.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    run(&req)?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ])
 }
 
 fn get_status(port: u16, path: &str) -> Result<u16> {

@@ -104,10 +104,14 @@ fn bad_files_are_rejected_clearly_and_change_nothing() {
     );
     expect_invalid(&sb, &format!("{head}devices = [\"/etc/passwd\"]\n"), "4:12", "devices[0]");
     expect_invalid(&sb, "[[app]\n", "1:", "");
-    // A valid file naming an image that is not loaded would take the app down.
+    // A valid file naming an image that is not loaded (and may not be pulled)
+    // would take the app down.
     let f = sb.dir.path().join("noimage.toml");
-    std::fs::write(&f, "[[app]]\nname = \"keep\"\nimage = \"busybox:2\"\ncommand = [\"sleep\", \"600\"]\n")
-        .unwrap();
+    std::fs::write(
+        &f,
+        "[[app]]\nname = \"keep\"\nimage = \"busybox:2\"\npull = \"never\"\ncommand = [\"sleep\", \"600\"]\n",
+    )
+    .unwrap();
     let out = sb.skiff(&["apply", "-f", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("image busybox:2 is not in the image store"));

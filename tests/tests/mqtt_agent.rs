@@ -211,7 +211,8 @@ fn controller_state_waits_for_its_images_and_stops_nothing_meanwhile() {
     sb.start_agent();
     assert!(fleet.apply(sb.dir.path(), APPS, None).status.success());
     let web = sb.wait_running("web");
-    let v2 = APPS.replacen("busybox:1", "busybox:2", 1);
+    // Sideloaded only: a pull would go to Docker Hub.
+    let v2 = APPS.replacen("image = \"busybox:1\"", "image = \"busybox:2\"\npull = \"never\"", 1);
     assert!(fleet.apply(sb.dir.path(), &v2, None).status.success());
     // The device says why it waits, and the old container keeps running.
     let events = wait_for(Duration::from_secs(20), "the device to say it waits", || {

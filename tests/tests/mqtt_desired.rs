@@ -7,7 +7,7 @@ use rumqttc::QoS;
 use skiff_common::codec::{self, Kind};
 use skiff_common::protocol::{
     decode_event, decode_reported, seal_desired, topic, Channel, DeviceId, EventKind, KeyId, Reported,
-    SignedDesired, SigningKey, DESIRED_LIMIT,
+    SignedDesired, SigningKey, DESIRED_LIMIT, DESIRED_SCHEMA,
 };
 use skiff_common::Origin;
 use skiff_tests::mqtt::link::{self, Incoming};
@@ -99,15 +99,12 @@ async fn refused_states_are_acknowledged_reported_and_never_applied() -> Result<
 
     let forged = seal_desired(&SigningKey::from_bytes(&rand::random()), &dev, &controller_state(20))?;
     // The right key id, but a signature over something else.
-    let mut tampered: SignedDesired = codec::decode(
-        &seal_desired(&key, &dev, &controller_state(21))?,
-        Kind::SignedDesired,
-        1,
-        DESIRED_LIMIT,
-    )?;
+    let sealed = seal_desired(&key, &dev, &controller_state(21))?;
+    let mut tampered: SignedDesired =
+        codec::decode(&sealed, Kind::SignedDesired, DESIRED_SCHEMA, DESIRED_LIMIT)?;
     let last = tampered.body.len() - 1;
     tampered.body[last] ^= 1;
-    let tampered = codec::encode(Kind::SignedDesired, 1, &tampered)?;
+    let tampered = codec::encode(Kind::SignedDesired, DESIRED_SCHEMA, &tampered)?;
     let oversized = codec::encode(
         Kind::SignedDesired,
         1,

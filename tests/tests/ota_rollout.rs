@@ -95,18 +95,23 @@ fn web(sb: &Sandbox) -> Value {
 
 #[test]
 fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_nothing() {
+    let start = std::time::Instant::now();
     let mut registry = Registry::start().unwrap();
     let work = tempfile::tempdir().unwrap();
     let v1 = busybox_variant(&work.path().join("v1"), "v1", "one", 256 << 10, 1);
     let v2 = busybox_variant(&work.path().join("v2"), "v2", "two", 1536 << 10, 2);
     registry.push(&work.path().join("v1"), "v1", "app:v1", &[]).unwrap();
     registry.push(&work.path().join("v2"), "v2", "app:v2", &[]).unwrap();
+    eprintln!("registry with v1 and v2 after {:?}", start.elapsed());
     let host = registry.host();
     let regs = registries_file(work.path(), &host);
 
     let fleet = Fleet::new(DEV);
+    eprintln!("broker after {:?}", start.elapsed());
     let mut sb = fleet.agent();
-    sb.agent_args.extend(["--registries".into(), regs.clone(), "--pull-rate".into(), "256KiB/s".into()]);
+    let flags = ["--registries", &regs, "--pull-rate", "256KiB/s", "--pull-retry", "3s"];
+    sb.agent_args.extend(flags.iter().map(|s| s.to_string()));
+    let t0 = std::time::Instant::now();
     sb.start_agent();
 
     // v1: skiffctl pins the tag's digest into the signed state; the device pulls and runs it.
@@ -116,6 +121,7 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
     assert_eq!(first["image"], format!("{host}/app@{v1}"), "the signed state names the digest, not the tag");
     assert!(sb.logs("web").contains("one"));
     let old_pid = first["pid"].as_i64().unwrap();
+    eprintln!("v1 running after {:?}", t0.elapsed());
 
     // v2: 1.5 MiB of new layer at 256 KiB/s. While it comes, v1 keeps running
     // (same pid) and the pull's progress is visible.
@@ -137,6 +143,7 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
     });
     assert_ne!(second["pid"].as_i64(), Some(old_pid));
     assert!(sb.logs("web").contains("two"));
+    eprintln!("v2 running after {:?}", t0.elapsed());
     // The shared busybox layer came once: v2 downloaded its own layer only.
     assert!(sb.ps()["pulls"].as_array().is_none_or(|p| p.is_empty()));
 
@@ -152,10 +159,12 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
             s["pulls"].as_array()?.iter().any(|p| p["image"] == v3.as_str() && p["error"].is_string());
         failed.then_some(s)
     });
+    eprintln!("v3 failure reported after {:?}", t0.elapsed());
     let reason = st["pulls"][0]["error"].as_str().unwrap().to_string();
     assert!(reason.contains(&host), "the reason names the registry: {reason}");
     let w = web(&sb);
     assert_eq!((w["phase"].as_str(), w["pid"].as_i64()), (Some("running"), Some(running_pid)));
     assert_eq!(w["image"], format!("{host}/app@{v2}"));
     sb.kill_agent();
+    eprintln!("done after {:?}", start.elapsed());
 }

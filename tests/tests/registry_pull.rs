@@ -349,3 +349,38 @@ async fn plain_http_only_for_insecure_registries() {
     );
     assert!(msg.starts_with(&want), "{msg}");
 }
+
+#[tokio::test]
+async fn https_with_a_private_ca() {
+    let reg = Registry::start_tls().unwrap();
+    reg.push(&busybox_layout(), "1", "busybox:1", &[]).unwrap();
+    let tag = r(&format!("{}/busybox:1", reg.host()));
+    let with_ca = |ca: Option<std::path::PathBuf>, insecure: bool| {
+        let mut o = options(&[]);
+        o.retry.budget = Duration::ZERO;
+        o.registries.registries.push(RegistryConfig {
+            host: reg.host(),
+            insecure,
+            ca,
+            ..RegistryConfig::default()
+        });
+        Client::new(o)
+    };
+    let client = with_ca(Some(reg.ca()), false);
+    let res = client.resolve(&tag, &p("linux/arm64")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    client.fetch_blob(&tag, &res.layers[0], &dir.path().join("l"), &no_progress).await.unwrap();
+    assert_eq!(sha256(&std::fs::read(dir.path().join("l")).unwrap()), res.layers[0].digest);
+
+    // Without the CA the certificate is refused, and nothing falls back to plain HTTP.
+    let e = with_ca(None, false).resolve_digest(&tag).await.unwrap_err().to_string();
+    let want = format!(
+        "registry {}: {tag}: cannot connect: https://{}/v2/busybox/manifests/1: ",
+        reg.host(),
+        reg.host()
+    );
+    assert!(e.starts_with(&want) && e.contains("UnknownIssuer"), "{e}");
+    // Marked insecure (plain HTTP) against an HTTPS registry: the registry answers 400.
+    let e = with_ca(None, true).resolve_digest(&tag).await.unwrap_err();
+    assert!(matches!(e, Error::Status { status: 400, .. }), "{e}");
+}

@@ -19,7 +19,9 @@ use crate::paths::Paths;
 use crate::reconciler::{Action, BackoffConfig, Event, Note, Reconciler};
 use crate::runtime::{FoundState, Runtime};
 use crate::store::StateStore;
-pub use ports::{BoxFut, Containers, Images, LocalImages, Progress, RealContainers, Running, States};
+pub use ports::{
+    BoxFut, Containers, Images, LocalImages, Progress, RealContainers, RegistryImages, Running, States,
+};
 use skiff_common::protocol::{EventKind, Reported};
 use skiff_common::{AppName, AppStatus, DesiredState, ImageRef, Origin, PullStatus};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -31,7 +33,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 mod ports;
 #[cfg(test)]
@@ -69,8 +71,9 @@ pub struct Parts {
     pub link: Option<LinkHandle>,
     /// The verified states the link hands over.
     pub incoming: Option<mpsc::Receiver<crate::link::Incoming>>,
-    /// Reads the stored state's generation before the link starts (for its gate).
-    pub initial: (DesiredState, Option<String>),
+    /// The stored state (read before the link starts: its gate needs the
+    /// generation), or why it could not be read.
+    pub initial: Result<(DesiredState, Option<String>), String>,
 }
 
 enum Input {
@@ -128,10 +131,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let listener = bind_socket(&paths)?;
     let socket = paths.socket();
     let s = states.clone();
-    let initial = tokio::task::spawn_blocking(move || s.load()).await?.map_err(|e| anyhow::anyhow!(e))?;
+    let initial = tokio::task::spawn_blocking(move || s.load()).await?;
+    let generation = initial.as_ref().map_or(0, |(s, _)| s.generation);
     let (link, incoming) = match cfg.link {
         Some(lc) => {
-            let (handle, incoming) = crate::link::spawn(lc, initial.0.generation)?;
+            let (handle, incoming) = crate::link::spawn(lc, generation)?;
             (Some(handle), Some(incoming))
         }
         None => (None, None),
@@ -176,10 +180,19 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
     };
 
     // Start-up: the stored desired state, then whatever a previous agent left running.
-    if let Some(why) = &initial.1 {
-        warn!(%why, "desired state unreadable: running the previous generation");
+    match &initial {
+        Ok((state, why)) => {
+            if let Some(why) = why {
+                warn!(%why, "desired state unreadable: running the previous generation");
+            }
+            info!(generation = state.generation, apps = state.apps.len(), "desired state loaded");
+        }
+        Err(e) => error!(
+            error = %e,
+            "no usable desired state on flash: keeping what runs until a new state comes (skiff apply or the controller)"
+        ),
     }
-    info!(generation = initial.0.generation, apps = initial.0.apps.len(), "desired state loaded");
+    let unreadable = initial.is_err();
     if let Some(mut incoming) = incoming {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -196,12 +209,24 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
     let mut reported: Option<ReportKey> = None;
     let now = Instant::now();
     let mut actions = Vec::new();
-    for out in intake.step(intake::Input::Loaded { result: Ok(initial) }) {
-        actions.extend(ex.carry_out_intake(out, &mut rec, now, link.as_ref()));
+    if let Ok(initial) = initial {
+        for out in intake.step(intake::Input::Loaded { result: Ok(initial) }) {
+            actions.extend(ex.carry_out_intake(out, &mut rec, now, link.as_ref()));
+        }
     }
     publish(&rec, &digests, &pulls, &view);
     let c = containers.clone();
     let found = tokio::task::spawn_blocking(move || c.scan()).await?;
+    if unreadable {
+        // Nothing on flash says what should run: what ran goes on (generation 0,
+        // so any state from `skiff apply` or the controller replaces it).
+        let mut apps: BTreeMap<AppName, skiff_common::AppSpec> = BTreeMap::new();
+        for f in found.iter().filter(|f| !matches!(f.state, FoundState::NeverStarted)) {
+            apps.insert(f.app.clone(), f.spec.clone());
+        }
+        let state = DesiredState { apps: apps.into_values().collect(), ..DesiredState::empty() };
+        actions.extend(rec.step(Event::Desired(state), now));
+    }
     for found in found {
         digests.insert(found.app.clone(), found.image_digest.clone());
         let ev = match found.state {
@@ -444,12 +469,16 @@ impl Executor {
     fn pull(&self, image: ImageRef) {
         let key = image.to_string();
         let table = self.pulls.clone();
-        set_pull(&table, &key, |p| p.error = None);
+        // A failure stays shown while the next attempt has moved no byte.
+        set_pull(&table, &key, |_| {});
         let progress: Progress = {
             let (table, key, tx) = (table.clone(), key.clone(), self.tx.clone());
             let last = Arc::new(Mutex::new(None::<Instant>));
             Arc::new(move |done, total| {
                 set_pull(&table, &key, |p| {
+                    if done > p.done {
+                        p.error = None;
+                    }
                     p.done = done;
                     p.total = total;
                 });

@@ -154,3 +154,35 @@ impl Images for LocalImages {
 
     fn collect(&self, _: &BTreeSet<ImageRef>) {}
 }
+
+/// The image store and a registry client: pulls over the air.
+pub struct RegistryImages {
+    pub store: ImageStore,
+    pub client: Arc<skiff_registry::Client>,
+}
+
+impl Images for RegistryImages {
+    fn present(&self, images: &[ImageRef]) -> BTreeSet<ImageRef> {
+        images.iter().filter(|i| self.store.contains(i)).cloned().collect()
+    }
+
+    fn pull(&self, image: ImageRef, progress: Progress) -> BoxFut<Result<(), String>> {
+        let (store, client) = (self.store.clone(), self.client.clone());
+        Box::pin(async move {
+            let report = move |p: crate::image::PullProgress| progress(p.done, p.total);
+            // The intake decided that a pull is needed: resolve the reference again.
+            crate::image::pull(&store, &client, &image, crate::image::PullPolicy::Always, &report)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn collect(&self, keep: &BTreeSet<ImageRef>) {
+        let keep: Vec<ImageRef> = keep.iter().cloned().collect();
+        match self.store.gc(&keep) {
+            Ok(report) => tracing::info!(?report, "images collected"),
+            Err(err) => tracing::warn!(%err, "collecting unused images"),
+        }
+    }
+}

@@ -16,11 +16,14 @@ struct Record {
     starts: Vec<(AppName, u64, String)>,
     stops: Vec<Key>,
     removed: Vec<AppName>,
-    running: HashMap<Key, oneshot::Sender<ExitInfo>>,
+    /// Running containers: their image, and how to end them.
+    running: HashMap<Key, (String, oneshot::Sender<ExitInfo>)>,
 }
 
 #[derive(Default)]
 struct FakeContainers {
+    /// What `scan` finds: containers a previous agent left running.
+    left: Mutex<Vec<(AppSpec, u64)>>,
     rec: Arc<Mutex<Record>>,
     /// Creations under way now, and the most seen at once.
     in_flight: Arc<AtomicUsize>,
@@ -35,7 +38,24 @@ impl FakeContainers {
 
 impl Containers for FakeContainers {
     fn scan(&self) -> Vec<crate::runtime::Found> {
-        Vec::new()
+        let started = crate::runtime::instance::Started {
+            init_pid: 7,
+            shim_pid: 6,
+            shim_start_ticks: 1,
+            started_boot_ms: 0,
+        };
+        self.left
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(spec, instance)| crate::runtime::Found {
+                app: spec.name.clone(),
+                instance: *instance,
+                spec: spec.clone(),
+                image_digest: "sha256:left".into(),
+                state: crate::runtime::FoundState::Running(started),
+            })
+            .collect()
     }
 
     fn start(&self, spec: AppSpec, instance: u64) -> BoxFut<Result<Running, String>> {
@@ -45,7 +65,7 @@ impl Containers for FakeContainers {
         {
             let mut r = self.rec();
             r.starts.push((spec.name.clone(), instance, spec.image.to_string()));
-            r.running.insert((spec.name.clone(), instance), tx);
+            r.running.insert((spec.name.clone(), instance), (spec.image.to_string(), tx));
         }
         let in_flight = self.in_flight.clone();
         Box::pin(async move {
@@ -62,14 +82,20 @@ impl Containers for FakeContainers {
         })
     }
 
-    fn watch(&self, _: AppName, _: u64, _: crate::runtime::instance::Started) -> BoxFut<ExitInfo> {
-        Box::pin(std::future::pending())
+    fn watch(&self, app: AppName, instance: u64, _: crate::runtime::instance::Started) -> BoxFut<ExitInfo> {
+        let (tx, rx) = oneshot::channel();
+        let image =
+            self.left.lock().unwrap().iter().find(|(s, _)| s.name == app).map(|(s, _)| s.image.to_string());
+        self.rec().running.insert((app, instance), (image.unwrap_or_default(), tx));
+        Box::pin(
+            async move { rx.await.unwrap_or(ExitInfo { code: None, signal: Some(9), oom_killed: false }) },
+        )
     }
 
     fn stop(&self, app: AppName, instance: u64, _: Duration) -> BoxFut<()> {
         let mut r = self.rec();
         r.stops.push((app.clone(), instance));
-        if let Some(tx) = r.running.remove(&(app, instance)) {
+        if let Some((_, tx)) = r.running.remove(&(app, instance)) {
             let _ = tx.send(ExitInfo { code: None, signal: Some(15), oom_killed: false });
         }
         Box::pin(async {})
@@ -186,12 +212,20 @@ fn name(s: &str) -> AppName {
 
 impl Harness {
     fn start(initial: DesiredState, present: &[&str]) -> Harness {
+        Harness::start_with(Ok((initial, None)), Vec::new(), present)
+    }
+
+    fn start_with(
+        initial: Result<(DesiredState, Option<String>), String>,
+        left: Vec<(AppSpec, u64)>,
+        present: &[&str],
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("skiff.sock");
         let listener = UnixListener::bind(&socket).unwrap();
-        let containers = Arc::new(FakeContainers::default());
+        let containers = Arc::new(FakeContainers { left: Mutex::new(left), ..Default::default() });
         let states = Arc::new(FakeStates {
-            current: Mutex::new(initial.clone()),
+            current: Mutex::new(initial.clone().map(|s| s.0).unwrap_or_else(|_| DesiredState::empty())),
             saves: Mutex::default(),
             fail_saves: Mutex::default(),
             path: dir.path().join("desired.skf"),
@@ -208,7 +242,7 @@ impl Harness {
             usage: None,
             link: None,
             incoming: Some(incoming),
-            initial: (initial, None),
+            initial,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run_with(parts, async move {
@@ -248,14 +282,8 @@ impl Harness {
 
     fn running(&self) -> Vec<(String, String)> {
         let r = self.containers.rec();
-        let mut v: Vec<(String, String)> = r
-            .running
-            .keys()
-            .map(|(a, i)| {
-                let image = r.starts.iter().find(|(sa, si, _)| sa == a && si == i).unwrap().2.clone();
-                (a.to_string(), image)
-            })
-            .collect();
+        let mut v: Vec<(String, String)> =
+            r.running.iter().map(|((a, _), (image, _))| (a.to_string(), image.clone())).collect();
         v.sort();
         v
     }
@@ -366,5 +394,32 @@ async fn a_removed_app_is_stopped_and_its_files_removed() {
     h.until("old removed", |h| h.containers.rec().removed == [name("old")]).await;
     assert_eq!(h.containers.rec().stops, vec![(name("old"), 1)]);
     assert_eq!(h.running(), [("web".into(), "web:1".into())]);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreadable_state_at_start_keeps_what_runs_until_a_new_state_comes() {
+    let left = state(3, Origin::Local, &[("web", "web:1")]).apps.remove(0);
+    let h =
+        Harness::start_with(Err("desired.skf: CRC mismatch".into()), vec![(left, 4)], &["web:1", "web:2"]);
+    let mut ps = h.ps().await;
+    for _ in 0..500 {
+        if !ps.apps.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        ps = h.ps().await;
+    }
+    assert_eq!(ps.generation, 0);
+    assert_eq!(ps.apps.len(), 1, "the adopted app is kept: {:?}", ps.apps);
+    // Nothing was stopped or started meanwhile.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(h.containers.rec().stops.is_empty());
+    assert!(h.containers.rec().starts.is_empty());
+    // The controller can still take the board over.
+    let answer = h.offer(state(10, Origin::Controller, &[("web", "web:2")])).await;
+    assert_eq!(answer.await.unwrap(), Ok(()));
+    h.until("web:2 running", |h| h.running() == [("web".into(), "web:2".into())]).await;
+    assert_eq!(h.containers.rec().stops, vec![(name("web"), 4)]);
     h.shutdown().await;
 }

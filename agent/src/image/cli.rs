@@ -19,6 +19,10 @@ pub struct PullConfig {
     pub budget: Option<u64>,
     /// Registries (`host[:port]`) to reach over plain HTTP besides those the file marks.
     pub insecure: Vec<String>,
+    /// How long one pull keeps retrying a registry without progress before it fails
+    /// (`None`: the client's default). The agent fails sooner and tries again later,
+    /// so that a person sees why a pull does not move.
+    pub retry_budget: Option<std::time::Duration>,
 }
 
 impl PullConfig {
@@ -28,11 +32,15 @@ impl PullConfig {
         for host in &self.insecure {
             registries.set_insecure(host);
         }
-        Ok(skiff_registry::Client::new(skiff_registry::ClientOptions {
+        let mut opts = skiff_registry::ClientOptions {
             registries,
             rate: self.rate.map(skiff_registry::RateLimiter::new),
             ..Default::default()
-        }))
+        };
+        if let Some(budget) = self.retry_budget {
+            opts.retry.budget = budget;
+        }
+        Ok(skiff_registry::Client::new(opts))
     }
 }
 

@@ -14,17 +14,7 @@ use super::{ImageError, ImageInfo, ImageStore};
 use skiff_common::ImageRef;
 use skiff_registry::{Client, Descriptor, Platform};
 
-/// When to pull (the same as `skiff_common::PullPolicy` of the desired state).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum PullPolicy {
-    /// Pull when the store does not hold the reference.
-    #[default]
-    IfNotPresent,
-    /// Resolve the reference again and pull what changed.
-    Always,
-    /// Never pull: the image must have been loaded.
-    Never,
-}
+pub use skiff_common::PullPolicy;
 
 /// Progress of one pull: bytes of the blobs it downloads (those the store already holds
 /// are not counted), on disk so far and in total. `done` includes bytes a previous,
@@ -127,7 +117,14 @@ pub async fn pull(
         let partial = store.partial_path(&desc.digest)?;
         let base = finished;
         let cb = move |n: u64| progress(PullProgress { done: base.saturating_add(n), total });
-        client.fetch_blob(r, desc, &partial, &cb).await?;
+        match client.fetch_blob(r, desc, &partial, &cb).await {
+            Ok(()) => {}
+            // The download keeps what it wrote (it resumes once there is room again).
+            Err(skiff_registry::Error::Io { path, source }) if super::is_no_space(&source) => {
+                return Err(ImageError::NoSpace { path }.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
         finished = finished.saturating_add(desc.size);
     }
 

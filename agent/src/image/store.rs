@@ -201,6 +201,23 @@ impl ImageStore {
         })
     }
 
+    /// Deletes every partial download except those of `keep` (blob digests), and returns
+    /// the bytes freed. For the daemon when no pull is in flight: downloads of images no
+    /// desired state wants any more would otherwise hold disk (and budget) for good.
+    pub fn drop_partials(&self, keep: &[&str]) -> Result<u64, ImageError> {
+        let _lock = self.lock()?;
+        let mut freed = 0u64;
+        for e in read_dir(&self.dir.join(PARTIAL))? {
+            if keep.iter().any(|d| d.strip_prefix("sha256:") == Some(file_name(&e).as_str())) {
+                continue;
+            }
+            let len = fs::symlink_metadata(&e).map(|m| m.len()).unwrap_or(0);
+            remove(&e)?;
+            freed = freed.saturating_add(len);
+        }
+        Ok(freed)
+    }
+
     /// What the store takes on disk: stored blobs, unpacked rootfs (as recorded when each
     /// was unpacked) and partial downloads. Cheap: no tree walk.
     pub fn disk_usage(&self) -> Result<DiskUsage, ImageError> {

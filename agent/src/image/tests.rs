@@ -663,6 +663,17 @@ fn gc_keeps_named_images_and_shared_blobs_and_frees_the_rest() {
 }
 
 #[test]
+fn abandoned_partial_downloads_can_be_dropped() {
+    let (_t, store, _l) = setup("img");
+    let (a, b) = (format!("sha256:{}", "4".repeat(64)), format!("sha256:{}", "5".repeat(64)));
+    fs::write(store.partial_path(&a).unwrap(), vec![0u8; 100]).unwrap();
+    fs::write(store.partial_path(&b).unwrap(), vec![0u8; 30]).unwrap();
+    assert_eq!(store.drop_partials(&[b.as_str()]).unwrap(), 100);
+    assert!(!store.partial_path(&a).unwrap().exists() && store.partial_path(&b).unwrap().exists());
+    assert_eq!(store.disk_usage().unwrap().partial, 30);
+}
+
+#[test]
 fn budget_counts_partial_downloads() {
     let (_t, store, _l) = setup("img");
     let store = store.with_budget(Some(1000));
@@ -781,4 +792,62 @@ fn docker_save_archives_load_with_their_names() {
     let named = store.load(&archive, Some(&r("other:1"))).unwrap();
     assert_eq!(named.len(), 1);
     assert_eq!((named[0].reference.as_str(), &named[0].digest), ("other:1", &loaded[0].digest));
+}
+
+/// Policies that need no registry never touch one: the client points at a closed port.
+#[test]
+fn pull_policies_use_the_store_first() {
+    let (_t, store, l) = setup("img");
+    let m = l.image(&host(), &[&[E::File("f", "x")]]);
+    let digest = m["digest"].as_str().unwrap().to_string();
+    store.load(l.finish(vec![m]), Some(&r("127.0.0.1:1/img:1"))).unwrap();
+    let mut opts = skiff_registry::ClientOptions::default();
+    opts.registries.set_insecure("127.0.0.1:1");
+    opts.connect_timeout = std::time::Duration::from_millis(200);
+    opts.retry.budget = std::time::Duration::ZERO;
+    let client = skiff_registry::Client::new(opts);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let run = |reference: &str, policy| rt.block_on(pull(&store, &client, &r(reference), policy, &|_| {}));
+
+    for policy in [PullPolicy::IfNotPresent, PullPolicy::Never] {
+        let info = run("127.0.0.1:1/img:1", policy).unwrap();
+        assert_eq!((info.reference.as_str(), info.digest.as_str()), ("127.0.0.1:1/img:1", digest.as_str()));
+    }
+    // By digest, under any name: the content is there.
+    let info = run(&format!("127.0.0.1:1/other@{digest}"), PullPolicy::IfNotPresent).unwrap();
+    assert_eq!(info.digest, digest);
+    let err = run("127.0.0.1:1/img:2", PullPolicy::Never).unwrap_err();
+    assert!(matches!(err, PullError::NeverPull(_)), "{err}");
+    assert!(!err.is_transient());
+    // Always asks the registry, which is not there: a transient error, the store untouched.
+    let err = run("127.0.0.1:1/img:1", PullPolicy::Always).unwrap_err();
+    assert!(matches!(err, PullError::Registry(_)) && err.is_transient(), "{err}");
+    assert_eq!(store.list().unwrap().len(), 1);
+}
+
+/// The daemon runs pulls as tokio tasks: the future must be `Send`.
+#[allow(dead_code)]
+fn pull_future_is_send(store: &ImageStore, client: &skiff_registry::Client, r: &ImageRef) {
+    fn send<T: Send>(_: T) {}
+    send(pull(store, client, r, PullPolicy::Always, &|_| {}));
+}
+
+/// `docker save` from Docker 25 on: an OCI layout with manifest.json beside it, named by
+/// the containerd annotation (full Docker Hub form, stored in the familiar one).
+#[test]
+fn docker_25_save_archives_load_as_oci_layouts() {
+    let (_t, store, l) = setup("d25");
+    let mut m = l.image(&host(), &[&[E::File("f", "x")]]);
+    m["annotations"] = json!({
+        oci::ANN_CONTAINERD_NAME: "docker.io/library/new:2",
+        ANN_REF_NAME: "2",
+    });
+    fs::write(
+        l.dir.join("manifest.json"),
+        r#"[{"Config":"blobs/sha256/00","RepoTags":["new:2"],"Layers":[]}]"#,
+    )
+    .unwrap();
+    let loaded = store.load(l.finish(vec![m]), None).unwrap();
+    assert_eq!(loaded[0].reference, "new:2");
+    assert!(store.resolve(&r("docker.io/library/new:2")).is_ok());
 }

@@ -1,10 +1,16 @@
 //! The link's I/O: the task that drives rumqttc and the task that walks each
-//! desired state through the gate to the daemon and back.
+//! verified desired state to the daemon and back.
 //!
 //! rumqttc's `EventLoop::poll` must run continuously (it sends, receives and
-//! pings), so the driver task does nothing else and never waits on the daemon.
-//! Everything that decides lives in `gate`, `outbox` and `backoff`; this file
-//! only moves bytes and calls them. Publishes are queued with `try_publish`
+//! pings), so the driver task never waits on the daemon. It passes every
+//! incoming desired state through the gate itself (pure, and quick next to a
+//! network round trip): refusals and duplicates are acknowledged at once, and
+//! a verified state goes to a one-slot mailbox where a newer one replaces
+//! (and acknowledges) an older one. So a backlog of any length, delivered as
+//! fast as the broker likes, costs one slot of memory, and only the newest
+//! verified state reaches the daemon.
+//! Everything that decides lives in `gate`, `calm`, `outbox` and `backoff`;
+//! this file only moves bytes and calls them. Publishes are queued with `try_publish`
 //! while holding the `Shared` lock, so the order the outbox sees is the order
 //! rumqttc assigns packet ids in; on a lost connection the driver drains the
 //! client's queue under the same lock and the outbox resends what is owed.
@@ -12,6 +18,7 @@
 use super::backoff::Backoff;
 use super::calm::{Calm, Notice, WINDOW};
 use super::gate::{Gate, Verdict};
+use super::mailbox::{Letter, Mailbox};
 use super::outbox::Outbox;
 use super::{lock, unix_now, Incoming, LinkConfig, LinkError, LinkStatus};
 use rumqttc::{
@@ -21,6 +28,7 @@ use rumqttc::{
 use skiff_common::protocol::{
     topic, BrokerUrl, Channel, DeviceId, EventKind, Rejection, OFFLINE, PACKET_LIMIT,
 };
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,11 +39,9 @@ use tokio::time::{sleep, sleep_until, timeout, Instant};
 /// rumqttc's own in-flight limit: well above what the outbox ever has in
 /// flight (online + reported + `EVENT_WINDOW`), so packet ids never collide.
 const INFLIGHT: u16 = 32;
-/// Requests queued for rumqttc: publishes in flight plus acks of incoming states.
+/// Requests queued for rumqttc: publishes in flight plus acks of incoming
+/// states (acks that do not fit wait in the driver).
 const REQUESTS: usize = 64;
-/// Incoming desired states waiting for the gate. The broker stops sending
-/// long before (it holds at most its in-flight limit of unacknowledged ones).
-const DESIRED_QUEUE: usize = 32;
 /// How long the goodbye ("0" on `online`, DISCONNECT) may take at shutdown.
 const GOODBYE: Duration = Duration::from_secs(2);
 
@@ -48,6 +54,8 @@ pub(super) struct Shared {
     /// Wakes the worker when a refusal from outside it may have set a new
     /// time for `calm` to say a count.
     pub calm_changed: Arc<Notify>,
+    /// The newest verified state the worker has not taken yet.
+    pub mailbox: Mailbox<Held>,
 }
 
 impl Shared {
@@ -184,11 +192,12 @@ pub(super) fn start(
         gate,
         calm: Calm::new(WINDOW),
         calm_changed: calm_changed.clone(),
+        mailbox: Mailbox::default(),
     }));
+    let mail = Arc::new(Notify::new());
     let (status_tx, status) = watch::channel(LinkStatus::default());
     let (alive, alive_rx) = oneshot::channel();
     let (incoming_tx, incoming) = mpsc::channel(1);
-    let (desired_tx, desired_rx) = mpsc::channel(DESIRED_QUEUE);
     let epoch = Arc::new(AtomicU64::new(0));
 
     let driver = Driver {
@@ -200,11 +209,12 @@ pub(super) fn start(
         backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
         status: status_tx,
         epoch: epoch.clone(),
-        desired: desired_tx,
+        mail: mail.clone(),
+        acks: VecDeque::new(),
     };
     tokio::spawn(driver.run(alive_rx));
     let worker = Worker {
-        queue: desired_rx,
+        mail,
         shared: shared.clone(),
         client: client.clone(),
         device: cfg.device.clone(),
@@ -228,7 +238,11 @@ struct Driver {
     /// Bumped on every connect and every loss: an incoming message is only
     /// acknowledged on the connection that delivered it.
     epoch: Arc<AtomicU64>,
-    desired: mpsc::Sender<(u64, Publish)>,
+    /// Rings when a state is put in the mailbox.
+    mail: Arc<Notify>,
+    /// Packet ids to acknowledge on this connection that did not fit in the
+    /// client's queue yet.
+    acks: VecDeque<u16>,
 }
 
 impl Driver {
@@ -236,6 +250,7 @@ impl Driver {
         let desired_topic = topic(&self.device, Channel::Desired);
         let mut up_since: Option<Instant> = None;
         loop {
+            self.flush_acks();
             let polled = tokio::select! {
                 biased;
                 _ = &mut alive => break,
@@ -264,14 +279,11 @@ impl Driver {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if p.topic == desired_topic {
-                        let epoch = self.epoch.load(Ordering::SeqCst);
-                        if self.desired.try_send((epoch, p)).is_err() {
-                            tracing::warn!("desired states arrive faster than they are handled; the broker will redeliver");
-                        }
+                        self.desired(p);
                     } else {
                         // Not subscribed to; acknowledged so the broker drops it.
                         tracing::warn!(topic = %p.topic, "unexpected message ignored");
-                        let _ = self.client.try_ack(&p);
+                        self.acks.push_back(p.pkid);
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(a))) => {
@@ -309,8 +321,49 @@ impl Driver {
         self.goodbye().await;
     }
 
+    /// An incoming desired state: through the gate, then acknowledged or
+    /// put in the mailbox.
+    fn desired(&mut self, p: Publish) {
+        let mut s = lock(&self.shared);
+        let verdict = s.gate.check(&p.payload);
+        match verdict {
+            Verdict::Reject(r) => {
+                s.reject(r, Instant::now());
+                pump(&mut s, &self.client, &self.device);
+                self.acks.push_back(p.pkid);
+            }
+            Verdict::Duplicate => self.acks.push_back(p.pkid),
+            Verdict::Accept(state) => {
+                let epoch = self.epoch.load(Ordering::SeqCst);
+                let letter =
+                    Letter { generation: state.generation, epoch, item: Held { epoch, publish: p, state } };
+                if let Some(back) = s.mailbox.offer(letter) {
+                    if back.epoch == epoch {
+                        self.acks.push_back(back.item.publish.pkid);
+                    }
+                }
+                drop(s);
+                self.mail.notify_one();
+            }
+        }
+    }
+
+    /// Hands the client the acks it has room for.
+    fn flush_acks(&mut self) {
+        while let Some(&pkid) = self.acks.front() {
+            let mut stub = Publish::new("", QoS::AtLeastOnce, Vec::new());
+            stub.pkid = pkid;
+            if self.client.try_ack(&stub).is_err() {
+                break;
+            }
+            self.acks.pop_front();
+        }
+    }
+
     fn lost(&mut self, err: &ConnectionError) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
+        // Unacknowledged messages come again on the next connection.
+        self.acks.clear();
         {
             let mut s = lock(&self.shared);
             // Drop what rumqttc would replay on its own: the outbox resends
@@ -347,6 +400,8 @@ impl Driver {
         if !self.status.borrow().connected {
             return;
         }
+        // Acks first (what does not fit is redelivered and judged again).
+        self.flush_acks();
         let online = topic(&self.device, Channel::Online);
         let _ = self.client.try_publish(online, QoS::AtLeastOnce, true, OFFLINE);
         let _ = self.client.try_disconnect();
@@ -363,9 +418,9 @@ impl Driver {
     }
 }
 
-/// Walks incoming desired states through the gate and the daemon, in order.
+/// Walks verified desired states from the mailbox to the daemon.
 struct Worker {
-    queue: mpsc::Receiver<(u64, Publish)>,
+    mail: Arc<Notify>,
     shared: Arc<Mutex<Shared>>,
     client: AsyncClient,
     device: DeviceId,
@@ -376,7 +431,7 @@ struct Worker {
 }
 
 /// A verified state the daemon has not persisted yet.
-struct Held {
+pub(super) struct Held {
     epoch: u64,
     publish: Publish,
     state: skiff_common::DesiredState,
@@ -390,8 +445,8 @@ impl Worker {
         let mut retry_at = Instant::now();
         loop {
             let calm_due = lock(&self.shared).calm.next_due();
-            let next = tokio::select! {
-                m = self.queue.recv() => m,
+            tokio::select! {
+                _ = self.mail.notified() => {}
                 _ = sleep_until(retry_at), if held.is_some() => {
                     if !self.hand_over(&mut held, &mut retry_at).await {
                         return;
@@ -406,16 +461,10 @@ impl Worker {
                 }
                 // A refusal from the daemon: `calm_due` may have moved.
                 _ = self.calm_changed.notified() => continue,
-            };
-            let Some((epoch, publish)) = next else { return };
-            let mut fresh = self.take(epoch, publish, &mut held).await;
-            // A backlog (a persistent session after a long time offline):
-            // walk everything already here first, so only the newest valid
-            // state goes to the daemon, once.
-            while let Ok((epoch, publish)) = self.queue.try_recv() {
-                fresh |= self.take(epoch, publish, &mut held).await;
             }
-            if fresh {
+            let letter = lock(&self.shared).mailbox.take();
+            let Some(Letter { item: offer, .. }) = letter else { continue };
+            if self.take(offer, &mut held).await {
                 self.retry.reset();
                 if !self.hand_over(&mut held, &mut retry_at).await {
                     return;
@@ -424,50 +473,37 @@ impl Worker {
         }
     }
 
-    /// Passes one incoming state through the gate. Refusals, duplicates and
-    /// states older than the held one are acknowledged; a newer verified
-    /// state becomes the held one (the one it supersedes is acknowledged, as
-    /// nothing needs it redelivered). Returns true when a new state is held
-    /// and must be handed to the daemon.
-    async fn take(&mut self, epoch: u64, publish: Publish, held: &mut Option<Held>) -> bool {
-        let verdict = lock(&self.shared).gate.check(&publish.payload);
-        match verdict {
-            Verdict::Reject(r) => {
-                {
-                    let mut s = lock(&self.shared);
-                    s.reject(r, Instant::now());
-                    pump(&mut s, &self.client, &self.device);
-                }
-                self.ack(epoch, &publish).await;
-                false
+    /// A verified state from the mailbox against the held one. Returns true
+    /// when it is the new held state and must be handed to the daemon.
+    async fn take(&mut self, offer: Held, held: &mut Option<Held>) -> bool {
+        // The gate again: a state persisted since the driver checked this one
+        // may have made it a duplicate or old.
+        let verdict = lock(&self.shared).gate.check(&offer.publish.payload);
+        if !matches!(verdict, Verdict::Accept(_)) {
+            self.ack(offer.epoch, &offer.publish).await;
+            return false;
+        }
+        if let Some(h) = held.as_mut() {
+            if h.state.generation == offer.state.generation {
+                // Redelivered while still not persisted: this copy is the one
+                // to ack later; the other is acked now if this connection
+                // brought it (after a reconnect it cannot be, nor needs to be).
+                let other = std::mem::replace(h, offer);
+                self.ack(other.epoch, &other.publish).await;
+                return false;
             }
-            Verdict::Duplicate => {
-                self.ack(epoch, &publish).await;
-                false
-            }
-            Verdict::Accept(state) => {
-                if let Some(h) = held.as_mut() {
-                    if h.state.generation == state.generation {
-                        // Redelivered (after a reconnect) while still not
-                        // persisted: this copy is the one to ack later.
-                        h.epoch = epoch;
-                        h.publish = publish;
-                        return false;
-                    }
-                    if h.state.generation > state.generation {
-                        // Older than the state waiting to be persisted.
-                        self.ack(epoch, &publish).await;
-                        return false;
-                    }
-                }
-                if let Some(old) = held.take() {
-                    // Superseded before it was persisted: nothing to redeliver.
-                    self.ack(old.epoch, &old.publish).await;
-                }
-                *held = Some(Held { epoch, publish, state });
-                true
+            if h.state.generation > offer.state.generation {
+                // Older than the state waiting to be persisted.
+                self.ack(offer.epoch, &offer.publish).await;
+                return false;
             }
         }
+        if let Some(old) = held.take() {
+            // Superseded before it was persisted: nothing to redeliver.
+            self.ack(old.epoch, &old.publish).await;
+        }
+        *held = Some(offer);
+        true
     }
 
     /// Gives the held state to the daemon and waits for `persisted`. Returns

@@ -34,6 +34,7 @@ mod backoff;
 mod calm;
 mod driver;
 mod gate;
+mod mailbox;
 mod outbox;
 
 use skiff_common::protocol::{

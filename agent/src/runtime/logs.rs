@@ -29,6 +29,8 @@ pub struct RotatingLog {
     limit: u64,
     /// Bytes of output dropped since the last successful write.
     dropped: u64,
+    /// The last byte written was not a newline: a note starts a line of its own.
+    mid_line: bool,
 }
 
 impl RotatingLog {
@@ -44,6 +46,7 @@ impl RotatingLog {
             size: 0,
             limit: (cap / 2).max(1024),
             dropped: 0,
+            mid_line: false,
         };
         log.reopen();
         log
@@ -69,8 +72,11 @@ impl RotatingLog {
     /// returned for the caller to note; the log stays usable.
     pub fn write(&mut self, buf: &[u8]) -> io::Result<()> {
         if self.dropped > 0 {
-            let note =
-                format!("[skiff: {} bytes of output dropped: the log could not be written]\n", self.dropped);
+            let note = format!(
+                "{}[skiff: {} bytes of output dropped: the log could not be written]\n",
+                if self.mid_line { "\n" } else { "" },
+                self.dropped
+            );
             if let Err((_, e)) = self.append(note.as_bytes()) {
                 self.dropped = self.dropped.saturating_add(buf.len() as u64);
                 return Err(e);
@@ -99,6 +105,7 @@ impl RotatingLog {
             match f.write(&buf[done..end]) {
                 Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
+                    self.mid_line = buf[done + n - 1] != b'\n';
                     done += n;
                     self.size += n as u64;
                 }

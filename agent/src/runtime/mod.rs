@@ -36,6 +36,8 @@ pub enum RuntimeError {
     Start(String),
     #[error("the shim gave no answer within {0:?}")]
     Handshake(Duration),
+    #[error("app {0}: {1} still runs: its files stay")]
+    Busy(AppName, PathBuf),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
@@ -104,7 +106,10 @@ impl Runtime {
             let _ = crate::image::unmount_rootfs(&dir.join("rootfs"));
             std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        // Private whatever the umask: shim.json holds the app's environment.
+        for d in [self.paths.apps(), self.paths.apps().join(spec.name.as_str()), dir.clone()] {
+            crate::fsutil::private_dir(&d).map_err(io_err(&d))?;
+        }
         for m in &spec.mounts {
             // Volumes are created on first use, like Docker's named volumes.
             if !Path::new(&m.source).exists()
@@ -205,7 +210,7 @@ impl Runtime {
         let root = self.paths.containers().join(Paths::container_id(app, instance));
         let dir = self.paths.instance(app, instance);
         signal(&root, LcSignal::try_from("SIGTERM").ok(), false).await;
-        let deadline = tokio::time::Instant::now() + grace;
+        let deadline = deadline_after(tokio::time::Instant::now(), grace);
         while tokio::time::Instant::now() < deadline {
             if dir.join(instance::EXIT).exists() || !root.exists() {
                 return;
@@ -306,41 +311,33 @@ impl Runtime {
     /// Removes what an app that left the desired state leaves behind: its logs
     /// (current and rotated) and its run directory `apps/<app>/` with any
     /// instance leftovers (root file systems unmounted first). For the daemon,
-    /// once the app's last instance has exited. An instance whose shim is
-    /// still alive is left alone. Volumes are the app's data and stay.
+    /// once the app's last instance has exited; while an instance still runs
+    /// nothing is removed (`Busy`). Volumes are the app's data and stay.
     pub fn remove_app_files(&self, app: &AppName) -> Result<(), RuntimeError> {
+        let app_dir = self.paths.apps().join(app.as_str());
+        let instances: Vec<PathBuf> = match std::fs::read_dir(&app_dir) {
+            Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+            Err(_) => Vec::new(),
+        };
+        for dir in &instances {
+            let started: Option<Started> = instance::read(dir, instance::STARTED).ok().flatten();
+            let shim: Option<instance::ShimPid> = instance::read(dir, instance::SHIM_PID).ok().flatten();
+            let live = started.is_some_and(|s| instance::shim_alive(&s)) || shim.is_some_and(|p| p.alive());
+            if live && !dir.join(instance::EXIT).exists() {
+                return Err(RuntimeError::Busy(app.clone(), dir.clone()));
+            }
+        }
         let mut first_err = None;
         let mut keep = |r: Result<(), RuntimeError>| {
             if let Err(e) = r {
                 first_err.get_or_insert(e);
             }
         };
-        let app_dir = self.paths.apps().join(app.as_str());
-        if let Ok(instances) = std::fs::read_dir(&app_dir) {
-            for inst in instances.flatten() {
-                let dir = inst.path();
-                let started: Option<Started> = instance::read(&dir, instance::STARTED).ok().flatten();
-                let shim: Option<instance::ShimPid> = instance::read(&dir, instance::SHIM_PID).ok().flatten();
-                let exited = dir.join(instance::EXIT).exists();
-                if !exited
-                    && (started.is_some_and(|s| instance::shim_alive(&s)) || shim.is_some_and(|p| p.alive()))
-                {
-                    tracing::warn!(app = %app, dir = %dir.display(), "not removing a live instance");
-                    continue;
-                }
-                let _ = crate::image::unmount_rootfs(&dir.join("rootfs"));
-                keep(remove_all(&dir));
-            }
+        for dir in &instances {
+            let _ = crate::image::unmount_rootfs(&dir.join("rootfs"));
+            keep(remove_all(dir));
         }
-        match std::fs::remove_dir(&app_dir) {
-            Err(e)
-                if e.kind() != std::io::ErrorKind::NotFound
-                    && e.raw_os_error() != Some(nix::libc::ENOTEMPTY) =>
-            {
-                keep(Err(RuntimeError::Io { path: app_dir.clone(), source: e }))
-            }
-            _ => {}
-        }
+        keep(remove_all(&app_dir));
         for log in [
             logs::current(&self.paths.log_dir, app.as_str()),
             logs::rotated(&self.paths.log_dir, app.as_str()),
@@ -359,6 +356,14 @@ impl Runtime {
     pub async fn reap_lost(&self, app: &AppName, instance: u64) {
         force_delete(&self.paths.containers().join(Paths::container_id(app, instance))).await;
     }
+}
+
+/// `now + d` for a `d` from input (a stop grace, a probe timeout): a year on
+/// instead of a panic when it would overflow the clock. Validation bounds
+/// these durations already; this keeps a missed case from crashing the agent.
+pub(crate) fn deadline_after(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    now.checked_add(d).or_else(|| now.checked_add(YEAR)).unwrap_or(now)
 }
 
 fn remove_all(dir: &Path) -> Result<(), RuntimeError> {
@@ -413,4 +418,18 @@ async fn force_delete(root: &Path) {
         let _ = std::fs::remove_dir_all(&root);
     })
     .await;
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_duration_gives_a_far_deadline_not_a_panic() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(deadline_after(now, Duration::from_secs(3)), now + Duration::from_secs(3));
+        for d in [Duration::MAX, Duration::from_secs(u64::MAX), Duration::from_secs(i64::MAX as u64)] {
+            assert!(deadline_after(now, d) >= now + Duration::from_secs(365 * 24 * 3600), "{d:?}");
+        }
+    }
 }

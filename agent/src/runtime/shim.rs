@@ -238,9 +238,11 @@ fn create_and_start(
         host_files: &host_files,
     })?;
     let bundle = dir.join("bundle");
-    std::fs::create_dir_all(&bundle)?;
-    std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
-    std::fs::create_dir_all(&cfg.container_root)?;
+    crate::fsutil::private_dir(&bundle)?;
+    // The spec holds the app's environment: 0600.
+    crate::fsutil::create_private(&bundle.join("config.json"), true)?
+        .write_all(&serde_json::to_vec_pretty(&spec)?)?;
+    crate::fsutil::private_dir(&cfg.container_root)?;
 
     // The records this shim must be able to write whatever happens to the run
     // dir later: their space is taken now, while a failure is still a plain

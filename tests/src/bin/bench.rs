@@ -19,7 +19,17 @@
 //! - storm: a desired state of 1,000 apps: time from `skiff apply` to all
 //!   running, and `skiff ps` latency while they start (median, p95, max).
 //!
-//! Sections can be picked: `bench start memory mqtt size reconcile board storm`.
+//! - registry: a 24 MiB 4-layer pull from a loopback docker-registry against
+//!   `skopeo copy` of the same image, and resume efficiency with a cut every 1 MiB
+//!   (see `bench_registry`).
+//!
+//! - pull: `skiff image pull` of a 50 MiB image (5 layers of 10 MiB) from
+//!   docker-registry on 127.0.0.1: wall time against `skopeo copy docker://...
+//!   oci:DIR` of the same image in the same run, and peak RSS (VmHWM) of the pull
+//!   for one 5 MiB layer and for one 50 MiB layer (it must not grow: layers
+//!   stream to disk).
+//!
+//! Sections can be picked: `bench start memory mqtt size reconcile board storm registry pull`.
 
 use serde_json::Value;
 use skiff_tests::agent::{repo, wait_for, Sandbox};
@@ -67,6 +77,105 @@ fn main() {
     if run("storm") {
         storm(1000);
     }
+    if run("registry") {
+        skiff_tests::bench_registry::run();
+    }
+    if run("pull") {
+        pull();
+    }
+}
+
+/// A layer tar of one file of `len` incompressible bytes.
+fn random_layer(name: &str, len: usize, seed: u64) -> Vec<u8> {
+    let data = skiff_tests::registry::random_bytes(len, seed);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append_data(&mut h, name, data.as_slice()).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// Runs `skiff image pull` into a fresh store; returns wall time and peak RSS (KiB).
+fn skiff_pull(reference: &str) -> (Duration, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let mut child = Command::new(std::env::var("SKIFF_BIN").unwrap())
+        .arg("--state-dir")
+        .arg(dir.path())
+        .args(["image", "pull", reference, "--insecure", "--registries", "/nonexistent"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut hwm = 0u64;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status_file) {
+            if let Some(kib) = text.lines().find_map(|l| l.strip_prefix("VmHWM:")) {
+                hwm = hwm.max(kib.trim().trim_end_matches("kB").trim().parse().unwrap_or(0));
+            }
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "skiff image pull {reference} failed");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (start.elapsed(), hwm)
+}
+
+fn pull() {
+    use skiff_tests::registry::{write_layout, Registry};
+    let reg = Registry::start().unwrap();
+    let host = skiff_registry::Platform::host().to_string();
+    let src = tempfile::tempdir().unwrap();
+    let five: Vec<Vec<u8>> = (0..5).map(|i| random_layer(&format!("l{i}"), 10 << 20, i)).collect();
+    let total: usize = five.iter().map(Vec::len).sum();
+    let images = [
+        ("multi", five),
+        ("small", vec![random_layer("s", 5 << 20, 10)]),
+        ("big", vec![random_layer("b", 50 << 20, 11)]),
+    ];
+    for (tag, layers) in &images {
+        let dir = src.path().join(tag);
+        write_layout(&dir, tag, &[(host.as_str(), layers.clone())]).unwrap();
+        reg.push(&dir, tag, &format!("bench:{tag}"), &[]).unwrap();
+    }
+    let name = |tag: &str| format!("{}/bench:{tag}", reg.host());
+    let mut ours = Vec::new();
+    let mut peer = Vec::new();
+    for _ in 0..3 {
+        ours.push(skiff_pull(&name("multi")).0);
+        let out = tempfile::tempdir().unwrap();
+        let t = Instant::now();
+        let st = Command::new("skopeo")
+            .args(["copy", "-q", "--src-tls-verify=false"])
+            .arg(format!("docker://{}", name("multi")))
+            .arg(format!("oci:{}:x", out.path().join("oci").display()))
+            .status()
+            .unwrap();
+        assert!(st.success(), "skopeo copy");
+        peer.push(t.elapsed());
+    }
+    ours.sort();
+    peer.sort();
+    let (o, p) = (ours[1], peer[1]);
+    println!(
+        "pull of a {:.0} MiB image (5 layers) from the loopback registry, median of 3",
+        total as f64 / (1 << 20) as f64
+    );
+    println!("  skiff image pull (download, verify, unpack)  {:8.0} ms", o.as_secs_f64() * 1e3);
+    println!("  skopeo copy to an OCI dir (download only)    {:8.0} ms", p.as_secs_f64() * 1e3);
+    println!("  ratio                                        {:8.2}", o.as_secs_f64() / p.as_secs_f64());
+    let (_, small) = skiff_pull(&name("small"));
+    let (_, big) = skiff_pull(&name("big"));
+    println!("peak RSS of skiff image pull (KiB)");
+    println!("  one 5 MiB layer                              {small:8}");
+    println!("  one 50 MiB layer                             {big:8}\n");
 }
 
 /// `n` apps applied at once: how long until all run, and how `ps` answers meanwhile.
