@@ -8,8 +8,12 @@ cd "$(dirname "$0")"
 scripts/deps.sh test
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
+# Licenses, sources and duplicate crates (deny.toml); advisories need GitHub (README "CI").
+cargo deny --log-level error check bans licenses sources
 bash images/build.sh
 cargo build --workspace -q
 # The static aarch64 agent for the emulated board (the QEMU tests would build it too).
 bash cross/build.sh aarch64
 cargo test --workspace -- --test-threads=2
+# Every fuzz target, built once, 30 s each.
+fuzz/run.sh 30

@@ -31,3 +31,11 @@ fi
 
 # The pinned toolchain (rust-toolchain.toml) with rustfmt and clippy.
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+# cargo-deny for ./test.sh's dependency check, pinned (a build from crates.io,
+# a few minutes once per machine).
+CARGO_DENY_VERSION=0.20.2
+if [[ "$what" == test ]] && [[ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $CARGO_DENY_VERSION" ]]; then
+    echo "scripts/deps.sh: installing cargo-deny $CARGO_DENY_VERSION"
+    cargo install --locked --quiet cargo-deny --version "$CARGO_DENY_VERSION"
+fi

@@ -1,14 +1,18 @@
 //! The command line. Errors go to stderr with a non-zero exit code:
-//! 1 for runtime failures, 2 for usage errors, 3 for an invalid desired-state
-//! file or agent configuration (so systemd can stop restarting on it:
-//! `RestartPreventExitStatus=3`).
+//! 1 for runtime failures, 2 for usage errors, 3 for a configuration error
+//! (an invalid desired-state file, agent flags, MQTT/TLS settings, key or
+//! certificate files) or a host that cannot run skiff (so systemd can stop
+//! restarting on it: `RestartPreventExitStatus=3`). Errors print as one line
+//! per error chain with no cause repeated; a closed stdout (`skiff logs -f |
+//! head`) ends the command quietly with 0.
 
 use crate::api::{self, Request, Response};
 use crate::image::{self, ImageStore};
+use crate::localfile;
 use crate::paths::Paths;
 use crate::reconciler::BackoffConfig;
 use crate::runtime::logs;
-use crate::store::{Saved, StateStore};
+use crate::store::{Saved, StateStore, StoreError};
 use clap::{Args, Parser, Subcommand};
 use skiff_common::quantity::{parse_bytes, parse_duration};
 use skiff_common::{toml_file, AppStatus, Health, Phase, PullPolicy};
@@ -18,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub const EXIT_ERROR: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_INVALID: i32 = 3;
 
 #[derive(Parser)]
@@ -240,8 +245,8 @@ impl MqttArgs {
             .controller_key
             .as_ref()
             .ok_or_else(|| Invalid("--mqtt-broker needs --controller-key".into()))?;
-        let text = std::fs::read_to_string(key_path)
-            .map_err(|e| Invalid(format!("--controller-key {}: {e}", key_path.display())))?;
+        let text = localfile::read_to_string(key_path, localfile::KEY_LIMIT)
+            .map_err(|e| Invalid(format!("--controller-key {e}")))?;
         let key = skiff_common::protocol::parse_public_key(&text)
             .map_err(|e| Invalid(format!("--controller-key {}: {e}", key_path.display())))?;
         let mut cfg = crate::link::LinkConfig::new(broker.clone(), device, key.to_bytes());
@@ -258,7 +263,7 @@ pub fn main() -> i32 {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { 2 } else { 0 };
+            return if e.use_stderr() { EXIT_USAGE } else { 0 };
         }
     };
     let paths = cli.paths.paths();
@@ -283,14 +288,58 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
+            if broken_pipe(&e) {
+                // The reader went away (`skiff logs -f | head`): nothing to say.
+                return 0;
+            }
             if let Some(Invalid(msg)) = e.downcast_ref::<Invalid>() {
                 eprintln!("{msg}");
                 return EXIT_INVALID;
             }
-            eprintln!("skiff: {e:#}");
-            EXIT_ERROR
+            eprintln!("skiff: {}", report(&e));
+            if is_config_error(&e) {
+                EXIT_INVALID
+            } else {
+                EXIT_ERROR
+            }
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: a message that
+/// already ends with its cause's text (thiserror's `"{path}: {source}"`)
+/// does not get it appended again.
+pub fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Errors that no restart can fix: a bad MQTT/TLS setting, a desired state
+/// that cannot be stored.
+fn is_config_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<crate::link::LinkError>().is_some()
+            || c.downcast_ref::<localfile::LocalFileError>().is_some()
+            || matches!(
+                c.downcast_ref::<StoreError>(),
+                Some(StoreError::Unstorable(_) | StoreError::GenerationsExhausted { .. })
+            )
+    })
 }
 
 /// An invalid input file: printed as is, exit code 3.
@@ -316,11 +365,14 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in journald or a file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let checks = crate::doctor::run(&paths);
     if let Some(msg) = crate::doctor::fatal(&checks) {
         return Err(Invalid(format!("skiff agent cannot run on this host: {msg}")).into());
     }
+    let socket = paths.socket();
     let cfg = crate::daemon::AgentConfig {
         paths,
         backoff: BackoffConfig { base: a.backoff_base, max: a.backoff_max, reset_after: a.backoff_reset },
@@ -336,7 +388,15 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
         images: Some(Arc::new(crate::daemon::RegistryImages { store, client: Arc::new(client) })),
         ..cfg
     };
-    rt()?.block_on(crate::daemon::run(cfg, shutdown_signal()))
+    // Another agent answering on the socket keeps it; otherwise the socket
+    // this agent binds goes when it ends, however it ends.
+    let other_agent = std::os::unix::net::UnixStream::connect(&socket).is_ok();
+    let result = rt()?.block_on(crate::daemon::run(cfg, shutdown_signal()));
+    // The runtime is gone, so is the listener: a socket nobody answers on is ours.
+    if !other_agent && std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        let _ = std::fs::remove_file(&socket);
+    }
+    result
 }
 
 async fn shutdown_signal() {
@@ -352,7 +412,8 @@ async fn shutdown_signal() {
 }
 
 fn validate(file: &Path) -> anyhow::Result<skiff_common::DesiredState> {
-    let text = std::fs::read_to_string(file).map_err(|e| Invalid(format!("{}: {e}", file.display())))?;
+    let text =
+        localfile::read_to_string(file, localfile::STATE_TOML_LIMIT).map_err(|e| Invalid(e.to_string()))?;
     toml_file::parse(&text).map_err(|errs| {
         let lines: Vec<String> = errs.iter().map(|e| format!("{}:{e}", file.display())).collect();
         Invalid(lines.join("\n")).into()
@@ -391,8 +452,23 @@ fn apply(paths: &Paths, file: &Path, pull: &PullArgs) -> anyhow::Result<()> {
         image::cli_pull(&store, &cfg, &image.to_string(), false, false)
             .map_err(|e| anyhow::anyhow!("{}: image {image}: {e:#}; nothing was applied", file.display()))?;
     }
+    // A running agent may run a generation no readable file holds any more
+    // (the file was damaged after it loaded it): stay above it too.
+    let running = if paths.socket().exists() {
+        match rt()?.block_on(api::call(&paths.socket(), &Request::Ps)) {
+            Ok(Response::Ps(p)) => p.generation,
+            _ => 0,
+        }
+    } else {
+        0
+    };
     let store = StateStore::new(&paths.state_dir);
-    let saved = store.save(state, None)?;
+    let saved = store.save_above(state, running).map_err(|e| match e {
+        StoreError::Unstorable(_) | StoreError::GenerationsExhausted { .. } => {
+            anyhow::Error::from(Invalid(format!("{}: {e}", file.display())))
+        }
+        e => e.into(),
+    })?;
     let generation = match saved {
         Saved::Written(g) => {
             println!("desired state generation {g} written to {}", store.path().display());
@@ -423,13 +499,14 @@ fn apply(paths: &Paths, file: &Path, pull: &PullArgs) -> anyhow::Result<()> {
 }
 
 fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
     let reply = match rt()?.block_on(api::call(&paths.socket(), &Request::Ps))? {
         Response::Ps(p) => p,
         Response::Error { message } => anyhow::bail!("agent: {message}"),
         other => anyhow::bail!("unexpected answer: {other:?}"),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&reply)?)?;
         return Ok(());
     }
     let link = match &reply.link {
@@ -437,14 +514,16 @@ fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
         Some(l) if l.connected => ", controller link up".to_string(),
         Some(l) => format!(", controller link down ({})", l.last_error.as_deref().unwrap_or("connecting")),
     };
-    println!("generation {}{link}", reply.generation);
-    println!(
+    writeln!(out, "generation {}{link}", reply.generation)?;
+    writeln!(
+        out,
         "{:<20} {:<9} {:>8} {:>8} {:>9} {:>8}  {:<12} {:<8} {:<8} IMAGE",
         "APP", "STATE", "PID", "MEM", "CPU", "RESTARTS", "LAST EXIT", "LIVE", "READY"
-    );
+    )?;
     for a in &reply.apps {
         let u = reply.usage.iter().find(|u| u.name == a.name.as_str());
-        println!(
+        writeln!(
+            out,
             "{:<20} {:<9} {:>8} {:>8} {:>9} {:>8}  {:<12} {:<8} {:<8} {}{}",
             a.name.as_str(),
             phase(a),
@@ -459,7 +538,7 @@ fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
             health(a.ready),
             a.image,
             a.error.as_ref().map(|e| format!("  error: {e}")).unwrap_or_default(),
-        );
+        )?;
     }
     for p in &reply.pulls {
         let total =
@@ -519,7 +598,9 @@ fn logs_cmd(paths: &Paths, app: &str, tail: Option<usize>, follow: bool) -> anyh
         loop {
             let new = f.poll()?;
             if new.is_empty() {
-                std::thread::sleep(Duration::from_millis(200));
+                if reader_gone(&out, Duration::from_millis(200)) {
+                    return Ok(());
+                }
             } else {
                 out.write_all(&new)?;
                 out.flush()?;
@@ -527,6 +608,25 @@ fn logs_cmd(paths: &Paths, app: &str, tail: Option<usize>, follow: bool) -> anyh
         }
     }
     Ok(())
+}
+
+/// Waits up to `wait` and says whether nobody reads `out` any more (the read
+/// end of a pipe was closed): `skiff logs -f | head` ends with `head`, not at
+/// the app's next line.
+fn reader_gone(out: &impl std::os::fd::AsFd, wait: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(out.as_fd(), PollFlags::empty())];
+    let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, timeout) {
+        Ok(n) if n > 0 => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL)),
+        Ok(_) => false,
+        Err(_) => {
+            std::thread::sleep(wait);
+            false
+        }
+    }
 }
 
 fn image_cmd(paths: &Paths, c: ImageCmd) -> anyhow::Result<()> {
@@ -566,9 +666,10 @@ fn image_cmd(paths: &Paths, c: ImageCmd) -> anyhow::Result<()> {
 }
 
 fn doctor(paths: &Paths, json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
     let checks = crate::doctor::run(paths);
     if json {
-        println!("{}", serde_json::to_string_pretty(&checks)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&checks)?)?;
     } else {
         for c in &checks {
             let mark = match c.level {
@@ -576,14 +677,14 @@ fn doctor(paths: &Paths, json: bool) -> anyhow::Result<()> {
                 crate::doctor::Level::Warn => "warn",
                 crate::doctor::Level::Fail => "FAIL",
             };
-            println!("{mark}  {:<18} {}", c.name, c.detail);
+            writeln!(out, "{mark}  {:<18} {}", c.name, c.detail)?;
             if let Some(f) = &c.fix {
-                println!("      fix: {f}");
+                writeln!(out, "      fix: {f}")?;
             }
         }
     }
     if crate::doctor::fatal(&checks).is_some() {
-        anyhow::bail!("this host cannot run skiff yet (see above)");
+        return Err(Invalid("skiff: this host cannot run skiff yet (see above)".into()).into());
     }
     Ok(())
 }

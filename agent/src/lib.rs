@@ -9,6 +9,7 @@ pub mod fsutil;
 pub mod image;
 pub mod intake;
 pub mod link;
+pub mod localfile;
 pub mod paths;
 pub mod probe;
 pub mod reconciler;

@@ -8,8 +8,14 @@
 //! exclusive lock (`desired.lock`) serialises writers (`skiff apply`, the
 //! agent). A file that fails its CRC is never trusted: `load` falls back to the
 //! previous generation and says so.
+//!
+//! `save` writes only a state that decodes back within the size limit the
+//! agent reads with; keeps as `desired.prev.skf` only a current file that is
+//! readable, and only once the new bytes are safely on flash; and numbers a
+//! local state above every generation it can see, never reusing one and
+//! never wrapping.
 
-use crate::fsutil::{atomic_write, sync_dir};
+use crate::fsutil::sync_dir;
 use nix::fcntl::{Flock, FlockArg};
 use skiff_common::codec::{state_file, CodecError};
 use skiff_common::validate::MAX_GENERATION;
@@ -24,6 +30,9 @@ pub enum StoreError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: {source}")]
     Corrupt { path: PathBuf, source: CodecError },
+    /// The state would not load back (over the size limit, say): not written.
+    #[error("the desired state cannot be stored: {0}")]
+    Unstorable(CodecError),
     #[error(
         "{path}: generation {generation} is the highest allowed, so a local apply cannot follow it; `skiffctl apply --reset` takes the device back, or remove the file to start over"
     )]
@@ -107,12 +116,31 @@ impl StateStore {
         Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| StoreError::Io { path, source: e.into() })
     }
 
-    /// Stores `apps` (with `origin`) as the next generation, unless it equals
-    /// what is stored. `generation`: the caller's number (from the controller),
-    /// or `None` for the stored generation + 1.
-    pub fn save(&self, mut next: DesiredState, generation: Option<u64>) -> Result<Saved, StoreError> {
+    /// Stores `next` as the next generation, unless it equals what is
+    /// stored. `generation`: the caller's number (from the controller), or
+    /// `None` for one above every generation stored (see [`Self::save_above`]).
+    pub fn save(&self, next: DesiredState, generation: Option<u64>) -> Result<Saved, StoreError> {
+        self.save_inner(next, generation, 0)
+    }
+
+    /// Stores `next` with a generation of its own: one above `floor` (what a
+    /// running agent reports it runs) and above every generation either file
+    /// holds, so no generation is ever handed out twice.
+    pub fn save_above(&self, next: DesiredState, floor: u64) -> Result<Saved, StoreError> {
+        self.save_inner(next, None, floor)
+    }
+
+    fn save_inner(
+        &self,
+        mut next: DesiredState,
+        generation: Option<u64>,
+        floor: u64,
+    ) -> Result<Saved, StoreError> {
         let _guard = self.lock()?;
-        let current = self.load().ok().map(|l| l.state);
+        // Read both files directly: an unreadable one must neither be
+        // compared against nor be kept as the previous generation.
+        let current = Self::read(&self.path()).ok().flatten();
+        let prev = Self::read(&self.prev()).ok().flatten();
         if let Some(cur) = &current {
             if cur.apps == next.apps
                 && cur.origin == next.origin
@@ -121,29 +149,78 @@ impl StateStore {
                 return Ok(Saved::Unchanged(cur.generation));
             }
         }
-        let stored = current.as_ref().map(|c| c.generation).unwrap_or(0);
         next.generation = match generation {
             Some(g) => g,
-            // Checked: a stored generation at the bound must not wrap to 0.
-            None => stored
-                .checked_add(1)
-                .filter(|g| *g <= MAX_GENERATION)
-                .ok_or(StoreError::GenerationsExhausted { path: self.path(), generation: stored })?,
+            None => {
+                let highest = [current.as_ref(), prev.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|s| s.generation)
+                    .chain(damaged_generation(&self.path()))
+                    .fold(floor, u64::max);
+                // Checked: a generation at the bound must not wrap to 0.
+                highest
+                    .checked_add(1)
+                    .filter(|g| *g <= MAX_GENERATION)
+                    .ok_or(StoreError::GenerationsExhausted { path: self.path(), generation: highest })?
+            }
         };
-        let bytes =
-            state_file::encode(&next).map_err(|source| StoreError::Corrupt { path: self.path(), source })?;
-        if self.path().exists() {
-            // Keep the generation being replaced. Link, then rename over the old
-            // copy, so `prev` is always either complete or the older one.
-            let tmp = self.dir.join(".desired.prev.tmp");
+        let bytes = state_file::encode(&next).map_err(StoreError::Unstorable)?;
+        // What the agent could not load is never written: the same decode
+        // (and its size limit) that reads the file back must accept it.
+        state_file::decode(&bytes).map_err(StoreError::Unstorable)?;
+        // The new bytes are on flash (temp file, fsynced) before anything else
+        // changes: a full disk fails here, with both files untouched.
+        let tmp = self.dir.join(".desired.skf.tmp");
+        write_synced(&tmp, &bytes).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
-            std::fs::hard_link(self.path(), &tmp).map_err(self.io(tmp.clone()))?;
-            std::fs::rename(&tmp, self.prev()).map_err(self.io(self.prev()))?;
+            StoreError::Io { path: tmp.clone(), source: e }
+        })?;
+        if current.is_some() {
+            // Keep the readable generation being replaced. Link, then rename
+            // over the old copy, so `prev` is always either complete or the
+            // older one. An unreadable current file is not kept: `prev` stays
+            // the last good state.
+            let prev_tmp = self.dir.join(".desired.prev.tmp");
+            let _ = std::fs::remove_file(&prev_tmp);
+            std::fs::hard_link(self.path(), &prev_tmp).map_err(self.io(prev_tmp.clone()))?;
+            std::fs::rename(&prev_tmp, self.prev()).map_err(self.io(self.prev()))?;
         }
-        atomic_write(&self.path(), &bytes).map_err(self.io(self.path()))?;
+        std::fs::rename(&tmp, self.path()).map_err(self.io(self.path()))?;
         sync_dir(&self.dir).map_err(self.io(self.dir.clone()))?;
         Ok(Saved::Written(next.generation))
     }
+}
+
+/// The generation a damaged state file was written with, when its envelope
+/// header is intact (magic, kind, full length) and only the payload fails:
+/// the generation is the payload's first field (a postcard varint). A state
+/// that lost its CRC must not have its number handed out again.
+fn damaged_generation(path: &Path) -> Option<u64> {
+    use skiff_common::codec::{Kind, HEADER_LEN, MAGIC};
+    let bytes = std::fs::read(path).ok()?;
+    if state_file::decode(&bytes).is_ok() || bytes.len() < HEADER_LEN {
+        return None;
+    }
+    let len = u32::from_le_bytes(bytes[8..12].try_into().ok()?) as usize;
+    if bytes[0..4] != MAGIC || bytes[4] != Kind::StateFile as u8 || bytes.len() - HEADER_LEN != len {
+        return None;
+    }
+    let mut value: u64 = 0;
+    for (i, b) in bytes[HEADER_LEN..].iter().take(10).enumerate() {
+        value |= u64::from(b & 0x7f).checked_shl(7 * i as u32)?;
+        if b & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 #[cfg(test)]
@@ -207,7 +284,7 @@ mod tests {
         assert!(matches!(e, StoreError::GenerationsExhausted { generation: MAX_GENERATION, .. }), "{e}");
         assert_eq!(std::fs::read(s.path()).unwrap(), before);
         // Beyond the bound, not even the controller's number is written.
-        assert!(matches!(s.save(state("two"), Some(MAX_GENERATION + 1)), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(s.save(state("two"), Some(MAX_GENERATION + 1)), Err(StoreError::Unstorable(_))));
         assert_eq!(s.load().unwrap().state.generation, MAX_GENERATION);
     }
 
@@ -217,5 +294,84 @@ mod tests {
         let s = StateStore::new(d.path());
         assert_eq!(s.save(state("one"), Some(1000)).unwrap(), Saved::Written(1000));
         assert_eq!(s.save(state("two"), None).unwrap(), Saved::Written(1001));
+    }
+
+    fn files(s: &StateStore) -> (Vec<u8>, Option<Vec<u8>>) {
+        (std::fs::read(s.path()).unwrap(), std::fs::read(s.prev()).ok())
+    }
+
+    #[test]
+    fn a_state_over_the_read_limit_is_not_written() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        s.save(state("one"), None).unwrap();
+        s.save(state("two"), None).unwrap();
+        let before = files(&s);
+        let mut big = state("three");
+        big.apps[0].env.insert("PAD".into(), "x".repeat(state_file::LIMIT));
+        let e = s.save(big, None).unwrap_err();
+        assert!(matches!(e, StoreError::Unstorable(CodecError::TooLarge { .. })), "{e}");
+        assert_eq!(files(&s), before, "a refused state changed the files");
+        assert_eq!(s.load().unwrap().state.generation, 2);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_both_files_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        s.save(state("one"), None).unwrap();
+        s.save(state("two"), None).unwrap();
+        let before = files(&s);
+        // The temp file cannot be created: a directory sits at its name.
+        std::fs::create_dir(d.path().join(".desired.skf.tmp")).unwrap();
+        assert!(matches!(s.save(state("three"), None), Err(StoreError::Io { .. })));
+        assert_eq!(files(&s), before, "a failed save replaced desired.prev.skf");
+        std::fs::remove_dir(d.path().join(".desired.skf.tmp")).unwrap();
+        assert_eq!(s.save(state("three"), None).unwrap(), Saved::Written(3));
+    }
+
+    #[test]
+    fn an_unreadable_current_file_is_not_kept_and_its_generation_not_reused() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        s.save(state("one"), None).unwrap();
+        s.save(state("two"), None).unwrap();
+        let good_prev = std::fs::read(s.prev()).unwrap();
+        std::fs::write(s.path(), b"garbage").unwrap();
+        // A running agent reports generation 2 (the file it loaded before
+        // the damage): the new state goes above it.
+        assert_eq!(s.save_above(state("three"), 2).unwrap(), Saved::Written(3));
+        assert_eq!(std::fs::read(s.prev()).unwrap(), good_prev, "the garbage became desired.prev.skf");
+        assert_eq!(s.load().unwrap().state.generation, 3);
+        // A file that only fails its CRC still tells its generation: a
+        // local apply without an agent does not reuse it either.
+        let mut bytes = std::fs::read(s.path()).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(s.path(), &bytes).unwrap();
+        assert_eq!(s.save(state("five"), None).unwrap(), Saved::Written(4));
+        assert_eq!(s.load().unwrap().state.apps[0].image.to_string(), "five");
+        // Both files unreadable: still no generation 1 again.
+        std::fs::write(s.path(), b"garbage").unwrap();
+        std::fs::write(s.prev(), b"garbage").unwrap();
+        assert_eq!(s.save_above(state("four"), 4).unwrap(), Saved::Written(5));
+    }
+
+    #[test]
+    fn generations_never_wrap() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        let max = MAX_GENERATION;
+        assert_eq!(s.save(state("one"), Some(max)).unwrap(), Saved::Written(max));
+        let before = files(&s);
+        let e = s.save(state("two"), None).unwrap_err();
+        assert!(matches!(e, StoreError::GenerationsExhausted { generation, .. } if generation == max), "{e}");
+        // A generation beyond the bound is refused before anything is written.
+        let e = s.save(state("two"), Some(max + 1)).unwrap_err();
+        assert!(matches!(e, StoreError::Unstorable(_)), "{e}");
+        assert_eq!(files(&s), before);
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        assert!(matches!(s.save_above(state("one"), u64::MAX), Err(StoreError::GenerationsExhausted { .. })));
     }
 }

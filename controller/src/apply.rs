@@ -16,9 +16,11 @@
 
 use crate::fleet;
 use crate::keys;
+use crate::localfile;
 use crate::mqtt::{random_client_id, BrokerArgs, Conn};
 use crate::resolve::{pin_images, ResolveArgs};
 use crate::show::unix_now;
+use crate::ConfigError;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rumqttc::QoS;
@@ -63,15 +65,19 @@ pub struct ApplyArgs {
 }
 
 pub async fn apply(args: ApplyArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let text = localfile::read_to_string(&args.file, localfile::STATE_TOML_LIMIT)?;
     let mut state = match toml_file::parse(&text) {
         Ok(s) => s,
         Err(errors) => {
             for e in &errors {
                 eprintln!("{}:{e}", args.file.display());
             }
-            bail!("{}: {} error(s); nothing was published", args.file.display(), errors.len());
+            return Err(ConfigError(format!(
+                "{}: {} error(s); nothing was published",
+                args.file.display(),
+                errors.len()
+            ))
+            .into());
         }
     };
     let devices = targets(&args)?;
@@ -174,12 +180,16 @@ fn pick_generation(args: &ApplyArgs, newest: u64, newest_device: &DeviceId) -> R
 
 fn targets(args: &ApplyArgs) -> Result<Vec<DeviceId>> {
     if let (Some(group), Some(path)) = (&args.group, &args.fleet) {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        return fleet::group_devices(&text, group).with_context(|| format!("{}", path.display()));
+        let text = localfile::read_to_string(path, localfile::FLEET_LIMIT)?;
+        return fleet::group_devices(&text, group)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())).into());
     }
-    let mut out =
-        args.devices.iter().map(|d| DeviceId::try_from(d.as_str())).collect::<Result<Vec<_>, _>>()?;
+    let mut out = args
+        .devices
+        .iter()
+        .map(|d| DeviceId::try_from(d.as_str()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ConfigError::from)?;
     out.sort();
     out.dedup();
     Ok(out)

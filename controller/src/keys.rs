@@ -58,7 +58,6 @@ fn write_new(path: &Path, text: &str, mode: u32, force: bool) -> Result<()> {
 
 /// Reads the secret key `skiffctl keygen` wrote.
 pub fn read_secret(path: &Path) -> Result<SigningKey> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the signing key {}", path.display()))?;
-    parse_secret_key(&text).with_context(|| format!("{}", path.display()))
+    let text = crate::localfile::read_to_string(path, crate::localfile::KEY_LIMIT)?;
+    parse_secret_key(&text).map_err(|e| crate::ConfigError(format!("{}: {e}", path.display())).into())
 }

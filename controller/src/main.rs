@@ -6,12 +6,18 @@
 //! said happened. Everything goes through the broker (see
 //! `skiff_common::protocol`); skiffctl keeps no state of its own besides the
 //! key files. Errors go to stderr with a non-zero exit: 1 for failures, 2 for
-//! usage errors (clap).
+//! usage errors (clap), 3 for configuration errors (a file or setting no retry
+//! can fix: apps.toml, fleet file, key, broker URL, TLS files); each cause
+//! of an error is printed once.
 
 mod apply;
 mod events;
 mod fleet;
 mod keys;
+// One implementation of bounded file reading for both binaries; the
+// controller does not depend on the agent crate.
+#[path = "../../agent/src/localfile.rs"]
+mod localfile;
 mod mqtt;
 mod resolve;
 mod show;
@@ -40,6 +46,19 @@ enum Command {
     Events(events::EventsArgs),
 }
 
+/// A file or setting that no retry can fix: exit code 3.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    pub fn from(e: impl std::fmt::Display) -> ConfigError {
+        ConfigError(e.to_string())
+    }
+}
+
+const EXIT_CONFIG: u8 = 3;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -51,10 +70,30 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("skiffctl: error: {err:#}");
-            ExitCode::FAILURE
+            eprintln!("skiffctl: error: {}", report(&err));
+            if err.chain().any(|c| c.is::<ConfigError>() || c.is::<localfile::LocalFileError>()) {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// The error and its causes on one line, each cause once (a message that
+/// already ends with its cause's text does not get it again).
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -6,14 +6,15 @@
 //! subscribed to. The broker queues the retained (and session) messages
 //! before the marker, so when the marker comes back nothing is left.
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::ConfigError;
+use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, Publish, QoS, SubscribeFilter,
     SubscribeReasonCode, Transport,
 };
 use skiff_common::protocol::{BrokerUrl, PACKET_LIMIT, TOPIC_PREFIX};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::time::{timeout_at, Instant};
 
@@ -53,7 +54,7 @@ impl Conn {
     /// Connects and waits for the CONNACK. `clean = false` keeps a broker
     /// session under `client_id` between runs.
     pub async fn connect(args: &BrokerArgs, client_id: String, clean: bool) -> Result<Conn> {
-        let url = BrokerUrl::try_from(args.broker.as_str())?;
+        let url = BrokerUrl::try_from(args.broker.as_str()).map_err(ConfigError::from)?;
         let mut o = MqttOptions::new(client_id.clone(), url.host.clone(), url.port);
         o.set_clean_session(clean)
             .set_keep_alive(Duration::from_secs(30))
@@ -67,10 +68,16 @@ impl Conn {
                 o.set_transport(Transport::tls(read(ca)?, identity, None));
             }
             (true, None) => {
-                bail!("{url} is TLS: --ca is needed (and --cert/--tls-key for a client certificate)")
+                return Err(ConfigError(format!(
+                    "{url} is TLS: --ca is needed (and --cert/--tls-key for a client certificate)"
+                ))
+                .into())
             }
             (false, _) if args.ca.is_some() || args.cert.is_some() => {
-                bail!("{url} is plain MQTT but TLS files were given; use mqtts://")
+                return Err(ConfigError(format!(
+                    "{url} is plain MQTT but TLS files were given; use mqtts://"
+                ))
+                .into())
             }
             (false, _) => {}
         }
@@ -167,6 +174,6 @@ impl Conn {
     }
 }
 
-fn read(p: &PathBuf) -> Result<Vec<u8>> {
-    std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+fn read(p: &Path) -> Result<Vec<u8>> {
+    Ok(crate::localfile::read(p, crate::localfile::CERT_LIMIT)?)
 }

@@ -92,8 +92,10 @@ fn device_cgroup_allows_listed_devices_only() {
     let mut sb = Sandbox::new();
     sb.start_agent();
     // loop0 (block 7:0) exists on the host and is not among the defaults.
-    let probe = "mknod /tmp/l0 b 7 0; (exec 3</tmp/l0) 2>&1 && echo unlisted-open || echo unlisted-denied; \
-                 if [ -e /dev/loop0 ]; then (exec 3</dev/loop0) && echo listed-open || echo listed-denied; fi; sleep 600";
+    // Each outcome is a whole line of its own ("other=open", "loop0=denied"),
+    // compared as a line, so no token can stand in for another.
+    let probe = "mknod /tmp/l0 b 7 0; (exec 3</tmp/l0) 2>&1 && echo other=open || echo other=denied; \
+                 if [ -e /dev/loop0 ]; then (exec 3</dev/loop0) && echo loop0=open || echo loop0=denied; fi; sleep 600";
     sb.apply(&format!(
         r#"
 [[app]]
@@ -110,15 +112,18 @@ devices = ["/dev/loop0"]
     ));
     sb.wait_running("plain");
     sb.wait_running("withdev");
+    let has = |log: &str, line: &str| log.lines().any(|l| l.trim_end() == line);
     let plain = wait_for(Duration::from_secs(10), "plain's output", || {
         let l = sb.logs("plain");
-        l.contains("unlisted-").then_some(l)
+        (has(&l, "other=open") || has(&l, "other=denied")).then_some(l)
     });
-    assert!(plain.contains("unlisted-denied"), "{plain}");
-    assert!(!plain.contains("listed-open"), "{plain}");
-    let with = wait_for(Duration::from_secs(10), "withdev's output", || {
+    assert!(has(&plain, "other=denied"), "plain opened a device it does not list: {plain}");
+    // loop0 is not listed for plain: not even its node exists there.
+    assert!(!plain.lines().any(|l| l.starts_with("loop0=")), "plain has /dev/loop0: {plain}");
+    let with = wait_for(Duration::from_secs(10), "withdev's loop0 line", || {
         let l = sb.logs("withdev");
-        l.contains("listed-").then_some(l)
+        (has(&l, "loop0=open") || has(&l, "loop0=denied")).then_some(l)
     });
-    assert!(with.contains("listed-open"), "{with}");
+    // (Its /tmp/l0 is the same device, 7:0, so "other" may open there.)
+    assert!(has(&with, "loop0=open"), "withdev cannot open its listed /dev/loop0: {with}");
 }
