@@ -45,18 +45,19 @@ impl Fleet {
 
     /// `skiffctl apply` of `toml` to the device, signed with the controller key, with `extra` flags.
     pub fn apply(&self, dir: &Path, toml: &str, extra: &[&str]) -> Output {
+        self.apply_signed(dir, toml, &self.keys.path().join("controller.key"), extra)
+    }
+
+    /// `skiffctl apply` signed with another key (a forgery, as the device sees it).
+    pub fn apply_with_key(&self, dir: &Path, toml: &str, key: &Path) -> Output {
+        self.apply_signed(dir, toml, key, &[])
+    }
+
+    fn apply_signed(&self, dir: &Path, toml: &str, key: &Path, extra: &[&str]) -> Output {
         let f = dir.join("fleet-apps.toml");
         std::fs::write(&f, toml).unwrap();
-        let key = self.keys.path().join("controller.key");
-        let mut args = vec![
-            "apply",
-            "-f",
-            f.to_str().unwrap(),
-            "--device",
-            &self.device,
-            "--key",
-            key.to_str().unwrap(),
-        ];
+        let (f, key) = (f.display().to_string(), key.display().to_string());
+        let mut args = vec!["apply", "-f", &f, "--device", &self.device, "--key", &key];
         args.extend_from_slice(extra);
         self.skiffctl(&args)
     }

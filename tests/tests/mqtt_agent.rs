@@ -2,95 +2,12 @@
 //! agent -> real containers, and back up as reported state and events.
 
 use serde_json::Value;
-use skiff_tests::agent::{skiffctl_bin, wait_for, Sandbox};
-use skiff_tests::mqtt::{Broker, CONTROLLER};
-use std::path::Path;
+use skiff_tests::agent::{skiffctl_bin, wait_for};
+use skiff_tests::fleet::Fleet;
 use std::process::Command;
 use std::time::Duration;
 
 const DEV: &str = "pi-1";
-
-struct Fleet {
-    broker: Broker,
-    keys: tempfile::TempDir,
-}
-
-impl Fleet {
-    fn new() -> Fleet {
-        let broker = Broker::start(&[DEV]).expect("mosquitto");
-        let keys = tempfile::tempdir().unwrap();
-        let out = Command::new(skiffctl_bin()).arg("keygen").arg("--out").arg(keys.path()).output().unwrap();
-        assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
-        Fleet { broker, keys }
-    }
-
-    fn tls(&self) -> Vec<String> {
-        let b = &self.broker;
-        let p = |p: &Path| p.display().to_string();
-        vec![
-            "--broker".into(),
-            b.controller_url(),
-            "--ca".into(),
-            p(&b.ca()),
-            "--cert".into(),
-            p(&b.cert(CONTROLLER)),
-            "--tls-key".into(),
-            p(&b.key(CONTROLLER)),
-        ]
-    }
-
-    fn skiffctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(skiffctl_bin()).args(args).args(self.tls()).output().expect("skiffctl")
-    }
-
-    /// Signs `toml` with `key` (the controller's by default) and publishes it to the device.
-    fn apply(&self, dir: &Path, toml: &str, key: Option<&Path>) -> std::process::Output {
-        let f = dir.join("fleet-apps.toml");
-        std::fs::write(&f, toml).unwrap();
-        let default_key = self.keys.path().join("controller.key");
-        let key = key.unwrap_or(&default_key);
-        self.skiffctl(&["apply", "-f", f.to_str().unwrap(), "--device", DEV, "--key", key.to_str().unwrap()])
-    }
-
-    fn status(&self) -> Value {
-        let out = self.skiffctl(&["status", "--json"]);
-        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
-        let all: Value = serde_json::from_slice(&out.stdout).unwrap();
-        all.as_array().unwrap().iter().find(|d| d["device"] == DEV).cloned().unwrap_or(Value::Null)
-    }
-
-    fn events(&self, client: &str) -> Vec<Value> {
-        let out = self.skiffctl(&["events", "--json", "--client-id", client]);
-        assert!(out.status.success(), "events: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-    }
-
-    fn agent(&self) -> Sandbox {
-        let mut sb = Sandbox::new();
-        let b = &self.broker;
-        sb.agent_args = vec![
-            "--backoff-base".into(),
-            "300ms".into(),
-            "--backoff-max".into(),
-            "2s".into(),
-            "--mqtt-broker".into(),
-            b.device_url(),
-            "--device".into(),
-            DEV.into(),
-            "--controller-key".into(),
-            self.keys.path().join("controller.pub").display().to_string(),
-            "--mqtt-ca".into(),
-            b.ca().display().to_string(),
-            "--mqtt-cert".into(),
-            b.cert(DEV).display().to_string(),
-            "--mqtt-key".into(),
-            b.key(DEV).display().to_string(),
-            "--mqtt-keepalive".into(),
-            "2s".into(),
-        ];
-        sb
-    }
-}
 
 fn app_of<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
     status["apps"].as_array()?.iter().find(|a| a["name"] == name)
@@ -111,12 +28,12 @@ command = ["sh", "-c", "sleep 0.2; exit 1"]
 
 #[test]
 fn apply_runs_on_the_device_and_outages_lose_nothing() {
-    let mut fleet = Fleet::new();
+    let mut fleet = Fleet::new(DEV);
     let mut sb = fleet.agent();
     // An operator's persistent events session, opened before anything happens.
     assert!(fleet.events("ops").is_empty());
     sb.start_agent();
-    let out = fleet.apply(sb.dir.path(), APPS, None);
+    let out = fleet.apply(sb.dir.path(), APPS, &[]);
     assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
     let web = sb.wait_running("web");
     // The controller sees it: online, the generation applied, the app running.
@@ -163,10 +80,10 @@ fn apply_runs_on_the_device_and_outages_lose_nothing() {
 
 #[test]
 fn state_published_while_offline_is_applied_on_reconnect_and_forgeries_are_refused() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(DEV);
     let mut sb = fleet.agent();
     sb.start_agent();
-    assert!(fleet.apply(sb.dir.path(), APPS, None).status.success());
+    assert!(fleet.apply(sb.dir.path(), APPS, &[]).status.success());
     let web = sb.wait_running("web");
 
     // Forged: signed by another key. Refused; nothing running changes.
@@ -179,7 +96,8 @@ fn state_published_while_offline_is_applied_on_reconnect_and_forgeries_are_refus
         .unwrap()
         .success());
     let forged = "[[app]]\nname = \"evil\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"3600\"]\n";
-    let _ = fleet.apply(sb.dir.path(), forged, Some(&other.path().join("controller.key")));
+    let other_key = other.path().join("controller.key");
+    let _ = fleet.apply_with_key(sb.dir.path(), forged, &other_key);
     let st = wait_for(Duration::from_secs(20), "the rejection to be reported", || {
         let s = fleet.status();
         s["last_rejection"].is_object().then_some(s)
@@ -191,7 +109,7 @@ fn state_published_while_offline_is_applied_on_reconnect_and_forgeries_are_refus
     // The device is off (agent down) while the controller publishes a new state.
     sb.kill_agent();
     let v2 = "[[app]]\nname = \"web2\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"3600\"]\n";
-    assert!(fleet.apply(sb.dir.path(), v2, None).status.success());
+    assert!(fleet.apply(sb.dir.path(), v2, &[]).status.success());
     sb.start_agent();
     sb.wait_running("web2");
     wait_for(Duration::from_secs(20), "web to be removed", || sb.app("web").is_null().then_some(()));
@@ -204,16 +122,16 @@ fn state_published_while_offline_is_applied_on_reconnect_and_forgeries_are_refus
 
 #[test]
 fn controller_state_waits_for_its_images_and_stops_nothing_meanwhile() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(DEV);
     let mut sb = fleet.agent();
     // The operator's events session, opened before anything happens.
     assert!(fleet.events("ops").is_empty());
     sb.start_agent();
-    assert!(fleet.apply(sb.dir.path(), APPS, None).status.success());
+    assert!(fleet.apply(sb.dir.path(), APPS, &[]).status.success());
     let web = sb.wait_running("web");
     // Sideloaded only: a pull would go to Docker Hub.
     let v2 = APPS.replacen("image = \"busybox:1\"", "image = \"busybox:2\"\npull = \"never\"", 1);
-    assert!(fleet.apply(sb.dir.path(), &v2, None).status.success());
+    assert!(fleet.apply(sb.dir.path(), &v2, &[]).status.success());
     // The device says why it waits, and the old container keeps running.
     let events = wait_for(Duration::from_secs(20), "the device to say it waits", || {
         let e = fleet.events("ops");
