@@ -12,8 +12,9 @@ cargo clippy --workspace --all-targets -q -- -D warnings
 cargo deny --log-level error check bans licenses sources
 bash images/build.sh
 cargo build --workspace -q
-# The static aarch64 agent for the emulated board (the QEMU tests would build it too).
-bash cross/build.sh aarch64
+# The static board binaries: aarch64 (also the emulated board's, which the QEMU
+# tests would build too) and 32-bit armv7.
+bash cross/build.sh aarch64 armv7
 cargo test --workspace -- --test-threads=2
 # Every fuzz target, built once, 30 s each.
 fuzz/run.sh 30
