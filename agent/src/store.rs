@@ -218,7 +218,8 @@ fn damaged_generation(path: &Path) -> Option<u64> {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+    // 0600 whatever the umask: env values carry tokens.
+    let mut f = crate::fsutil::create_private(path, true)?;
     f.write_all(bytes)?;
     f.sync_all()
 }

@@ -76,6 +76,9 @@ pub struct Runtime {
     pub log_cap: u64,
 }
 
+/// Quarter seconds a stop keeps re-sending SIGKILL until the exit is recorded.
+const STOP_RETRIES: u32 = 120;
+
 /// How long a shim may take to create and start a container.
 const HANDSHAKE: Duration = Duration::from_secs(60);
 
@@ -223,6 +226,29 @@ impl Runtime {
         // libcontainer's kill-all freezes the cgroup meanwhile, which races the
         // shim's cgroup removal (rmdir fails while frozen tasks remain).
         signal(&root, LcSignal::try_from("SIGKILL").ok(), false).await;
+        // A signal can be lost: libcontainer's state file is rewritten in place
+        // and may not load at that instant (seen under load after an agent was
+        // killed mid-apply: the app stayed "stopping" for good). Until the exit
+        // is recorded, send it again, and to the init's pid as well while its
+        // shim lives (so the pid is still the container's).
+        for round in 1..=STOP_RETRIES {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if dir.join(instance::EXIT).exists() || !root.exists() {
+                return;
+            }
+            if round % 4 == 0 {
+                tracing::warn!(app = %app, instance, "still running after SIGKILL: sending it again");
+                signal(&root, LcSignal::try_from("SIGKILL").ok(), false).await;
+                if let Ok(Some(s)) = instance::read::<Started>(&dir, instance::STARTED) {
+                    if instance::shim_alive(&s) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(s.init_pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Removes an instance's runtime files once its exit has been handled.
