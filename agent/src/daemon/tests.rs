@@ -121,6 +121,8 @@ struct FakeStates {
     current: Mutex<DesiredState>,
     saves: Mutex<Vec<u64>>,
     fail_saves: Mutex<Option<String>>,
+    /// A slow SD card: each save takes this long (blocking).
+    slow_saves: Mutex<Duration>,
     path: PathBuf,
 }
 
@@ -133,6 +135,8 @@ impl States for FakeStates {
         if let Some(e) = self.fail_saves.lock().unwrap().clone() {
             return Err(e);
         }
+        let slow = *self.slow_saves.lock().unwrap();
+        std::thread::sleep(slow);
         self.saves.lock().unwrap().push(state.generation);
         *self.current.lock().unwrap() = state;
         Ok(())
@@ -228,6 +232,7 @@ impl Harness {
             current: Mutex::new(initial.clone().map(|s| s.0).unwrap_or_else(|_| DesiredState::empty())),
             saves: Mutex::default(),
             fail_saves: Mutex::default(),
+            slow_saves: Mutex::default(),
             path: dir.path().join("desired.skf"),
         });
         let images = Arc::new(FakeImages::default());
@@ -421,5 +426,21 @@ async fn an_unreadable_state_at_start_keeps_what_runs_until_a_new_state_comes() 
     assert_eq!(answer.await.unwrap(), Ok(()));
     h.until("web:2 running", |h| h.running() == [("web".into(), "web:2".into())]).await;
     assert_eq!(h.containers.rec().stops, vec![(name("web"), 4)]);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_flash_write_does_not_stall_the_loop() {
+    let h = Harness::start(state(1, Origin::Local, &[("web", "web:1")]), &["web:1", "web:2"]);
+    h.until("web running", |h| h.running().len() == 1).await;
+    *h.states.slow_saves.lock().unwrap() = Duration::from_secs(3);
+    let answer = h.offer(state(10, Origin::Controller, &[("web", "web:2")])).await;
+    // The write is under way for 3 s; the API answers meanwhile, from the loop.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ps =
+        tokio::time::timeout(Duration::from_secs(2), h.ps()).await.expect("ps answered while flash was busy");
+    assert_eq!(ps.generation, 1, "not applied before it is on flash");
+    assert_eq!(answer.await.unwrap(), Ok(()));
+    h.until("web:2 running", |h| h.running() == [("web".into(), "web:2".into())]).await;
     h.shutdown().await;
 }
