@@ -92,6 +92,8 @@ pub struct Sandbox {
     agent: Option<Child>,
     /// Extra flags for `skiff agent`.
     pub agent_args: Vec<String>,
+    /// Extra environment for `skiff agent` (`SKIFF_LOG`, say).
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Default for Sandbox {
@@ -105,7 +107,7 @@ impl Sandbox {
     pub fn new() -> Sandbox {
         let dir = tempfile::Builder::new().prefix("skiff-test-").tempdir().expect("tempdir");
         let cgroup_root = format!("skiff-test-{:08x}", rand::random::<u32>());
-        let sb = Sandbox { dir, cgroup_root, agent: None, agent_args: Vec::new() };
+        let sb = Sandbox { dir, cgroup_root, agent: None, agent_args: Vec::new(), agent_env: Vec::new() };
         let out = sb.skiff(&["image", "load", busybox_image().to_str().unwrap()]);
         assert!(out.status.success(), "image load: {}", String::from_utf8_lossy(&out.stderr));
         sb
@@ -158,7 +160,9 @@ impl Sandbox {
         let mut args = vec!["agent".to_string()];
         args.extend(self.agent_args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let child = self.cmd(&args).stdout(Stdio::null()).stderr(log).spawn().expect("spawn agent");
+        let mut cmd = self.cmd(&args);
+        cmd.envs(self.agent_env.iter().map(|(k, v)| (k, v)));
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("spawn agent");
         self.agent = Some(child);
         let sock = self.run_dir().join("skiff.sock");
         // A dead agent leaves its socket file: wait for one that answers.

@@ -606,3 +606,66 @@ async fn serve(mut conn: tokio::net::TcpStream, upstream: u16, me: u16, st: Arc<
     }
     Ok(())
 }
+
+/// The host's busybox image plus one layer holding `/version` (`text`) and
+/// `/ballast` (`ballast` incompressible bytes), as an OCI layout tagged `tag`.
+/// Returns the manifest digest and the digest of the layer of its own.
+pub fn busybox_variant(dir: &Path, tag: &str, text: &str, ballast: usize, seed: u64) -> (String, String) {
+    let layout = busybox_layout();
+    let blob = |d: &str| std::fs::read(layout.join("blobs/sha256").join(&d[7..])).unwrap();
+    let json = |b: Vec<u8>| -> serde_json::Value { serde_json::from_slice(&b).unwrap() };
+    let top = json(std::fs::read(layout.join("index.json")).unwrap());
+    let index = json(blob(top["manifests"][0]["digest"].as_str().unwrap()));
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => panic!("no busybox test image for {other}"),
+    };
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["platform"]["architecture"] == arch)
+        .expect("host platform in the busybox layout");
+    let manifest = json(blob(entry["digest"].as_str().unwrap()));
+    let mut layers = Vec::new();
+    for l in manifest["layers"].as_array().unwrap() {
+        let mut tar = Vec::new();
+        flate2::read::GzDecoder::new(&blob(l["digest"].as_str().unwrap())[..]).read_to_end(&mut tar).unwrap();
+        layers.push(tar);
+    }
+    layers.push(tar_of(&[("version", text.as_bytes().to_vec()), ("ballast", random_bytes(ballast, seed))]));
+    let (_, images) = write_layout(dir, tag, &[(&format!("linux/{arch}"), layers)]).unwrap();
+    let own = images[0].layers.last().unwrap().0.clone();
+    (images[0].manifest_digest.clone(), own)
+}
+
+/// A tar with regular files at the root.
+pub fn tar_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in files {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        let octal = |buf: &mut [u8], v: u64| {
+            let s = format!("{v:0width$o}\0", width = buf.len() - 1);
+            buf.copy_from_slice(s.as_bytes());
+        };
+        octal(&mut h[100..108], 0o644);
+        octal(&mut h[108..116], 0);
+        octal(&mut h[116..124], 0);
+        octal(&mut h[124..136], data.len() as u64);
+        octal(&mut h[136..148], 0);
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u64 = h.iter().map(|&b| b as u64).sum();
+        let s = format!("{sum:06o}\0 ");
+        h[148..156].copy_from_slice(s.as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}

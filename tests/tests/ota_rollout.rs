@@ -6,75 +6,12 @@
 use serde_json::Value;
 use skiff_tests::agent::{wait_for, Sandbox};
 use skiff_tests::fleet::Fleet;
-use skiff_tests::registry::{busybox_layout, random_bytes, write_layout, Proxy, Registry};
-use std::io::Read;
+use skiff_tests::registry::{busybox_variant, Proxy, ProxyAuth, Registry};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
 const DEV: &str = "pi-ota";
-
-/// The host's busybox image plus one layer holding `/version` (`text`) and
-/// `/ballast` (`ballast` incompressible bytes), as an OCI layout tagged `tag`.
-/// Returns the manifest digest.
-fn busybox_variant(dir: &Path, tag: &str, text: &str, ballast: usize, seed: u64) -> String {
-    let layout = busybox_layout();
-    let blob = |d: &str| std::fs::read(layout.join("blobs/sha256").join(&d[7..])).unwrap();
-    let json = |b: Vec<u8>| -> Value { serde_json::from_slice(&b).unwrap() };
-    let top = json(std::fs::read(layout.join("index.json")).unwrap());
-    let index = json(blob(top["manifests"][0]["digest"].as_str().unwrap()));
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => panic!("no busybox test image for {other}"),
-    };
-    let entry = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["platform"]["architecture"] == arch)
-        .expect("host platform in the busybox layout");
-    let manifest = json(blob(entry["digest"].as_str().unwrap()));
-    let mut layers = Vec::new();
-    for l in manifest["layers"].as_array().unwrap() {
-        let mut tar = Vec::new();
-        flate2::read::GzDecoder::new(&blob(l["digest"].as_str().unwrap())[..]).read_to_end(&mut tar).unwrap();
-        layers.push(tar);
-    }
-    layers.push(tar_of(&[("version", text.as_bytes().to_vec()), ("ballast", random_bytes(ballast, seed))]));
-    let (_, images) = write_layout(dir, tag, &[(&format!("linux/{arch}"), layers)]).unwrap();
-    images[0].manifest_digest.clone()
-}
-
-/// A tar with regular files at the root.
-fn tar_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, data) in files {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        let octal = |buf: &mut [u8], v: u64| {
-            let s = format!("{v:0width$o}\0", width = buf.len() - 1);
-            buf.copy_from_slice(s.as_bytes());
-        };
-        octal(&mut h[100..108], 0o644);
-        octal(&mut h[108..116], 0);
-        octal(&mut h[116..124], 0);
-        octal(&mut h[124..136], data.len() as u64);
-        octal(&mut h[136..148], 0);
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u64 = h.iter().map(|&b| b as u64).sum();
-        let s = format!("{sum:06o}\0 ");
-        h[148..156].copy_from_slice(s.as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.resize(out.len() + 1024, 0);
-    out
-}
 
 fn app_toml(image: &str) -> String {
     format!(
@@ -98,10 +35,12 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
     let start = std::time::Instant::now();
     let mut registry = Registry::start().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let v1 = busybox_variant(&work.path().join("v1"), "v1", "one", 256 << 10, 1);
-    let v2 = busybox_variant(&work.path().join("v2"), "v2", "two", 1536 << 10, 2);
-    registry.push(&work.path().join("v1"), "v1", "app:v1", &[]).unwrap();
-    registry.push(&work.path().join("v2"), "v2", "app:v2", &[]).unwrap();
+    let (v1, v1_layer) = busybox_variant(&work.path().join("v1"), "v1", "one", 256 << 10, 1);
+    let (v2, v2_layer) = busybox_variant(&work.path().join("v2"), "v2", "two", 1536 << 10, 2);
+    let (v3, v3_layer) = busybox_variant(&work.path().join("v3"), "v3", "three", 64 << 10, 3);
+    for v in ["v1", "v2", "v3"] {
+        registry.push(&work.path().join(v), v, &format!("app:{v}"), &[]).unwrap();
+    }
     eprintln!("registry with v1 and v2 after {:?}", start.elapsed());
     // The device reaches the registry through a proxy that counts blob bytes.
     let proxy = Proxy::start(registry.port).unwrap();
@@ -127,7 +66,7 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
 
     // v2: 1.5 MiB of new layer at 256 KiB/s. While it comes, v1 keeps running
     // (same pid) and the pull's progress is visible.
-    let v2_layer = 1536u64 << 10;
+    let v2_size = 1536u64 << 10;
     let served_before = proxy.blob_bytes();
     let out = fleet.apply(work.path(), &app_toml(&format!("{host}/app:v2")), &["--registries", &regs]);
     assert!(out.status.success(), "apply v2: {}", String::from_utf8_lossy(&out.stderr));
@@ -157,7 +96,7 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
     // was in flight in socket buffers may have been): at most the layer plus what
     // was missing at the kill, plus the config and some slack.
     let served = proxy.blob_bytes() - served_before;
-    let bound = v2_layer + (v2_layer - done_at_kill) + (64 << 10);
+    let bound = v2_size + (v2_size - done_at_kill) + (64 << 10);
     assert!(
         served <= bound,
         "served {served} bytes for v2, {done_at_kill} were on disk at the kill; bound {bound}"
@@ -166,24 +105,144 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
     // The shared busybox layer came once: v2 downloaded its own layer only.
     assert!(sb.ps()["pulls"].as_array().is_none_or(|p| p.is_empty()));
 
-    // v3 while the registry is down: the pull fails, v2 runs on, the reason is reported.
-    registry.stop();
-    let running_pid = second["pid"].as_i64().unwrap();
-    let v3 = format!("{host}/app@sha256:{}", "3".repeat(64));
-    let out = fleet.apply(work.path(), &app_toml(&v3), &["--registries", &regs]);
+    // v3: once it runs, garbage collection keeps the images of this generation
+    // and the one before (v3, v2) and frees what only v1 used.
+    let out = fleet.apply(work.path(), &app_toml(&format!("{host}/app:v3")), &["--registries", &regs]);
     assert!(out.status.success(), "apply v3: {}", String::from_utf8_lossy(&out.stderr));
+    let third = sb.wait_app("web", Duration::from_secs(60), "running v3", |a| {
+        a["phase"] == "running" && a["image"] == format!("{host}/app@{v3}").as_str()
+    });
+    let blob = |d: &str| sb.state_dir().join("images/blobs/sha256").join(&d[7..]);
+    wait_for(Duration::from_secs(20), "v1's own layer collected", || (!blob(&v1_layer).exists()).then_some(()));
+    for (what, d) in [("v2 (previous generation)", &v2_layer), ("v3 (current)", &v3_layer)] {
+        assert!(blob(d).is_file(), "the layer of {what} was kept");
+    }
+    let ls = sb.skiff(&["image", "ls", "--json"]);
+    let ls: Value = serde_json::from_slice(&ls.stdout).unwrap();
+    let mut refs: Vec<&str> = ls.as_array().unwrap().iter().map(|i| i["reference"].as_str().unwrap()).collect();
+    refs.sort();
+    assert_eq!(refs, [format!("{host}/app@{v2}"), format!("{host}/app@{v3}")]);
+    let check = sb.skiff(&["image", "check", "--json"]);
+    assert!(check.status.success(), "store check: {}", String::from_utf8_lossy(&check.stdout));
+
+    // v4 while the registry is down: the pull fails, v3 runs on, the reason is reported.
+    registry.stop();
+    let running_pid = third["pid"].as_i64().unwrap();
+    let v4 = format!("{host}/app@sha256:{}", "4".repeat(64));
+    let out = fleet.apply(work.path(), &app_toml(&v4), &["--registries", &regs]);
+    assert!(out.status.success(), "apply v4: {}", String::from_utf8_lossy(&out.stderr));
     let st = wait_for(Duration::from_secs(60), "the failed pull in the reported state", || {
         let s = fleet.status();
         let failed =
-            s["pulls"].as_array()?.iter().any(|p| p["image"] == v3.as_str() && p["error"].is_string());
+            s["pulls"].as_array()?.iter().any(|p| p["image"] == v4.as_str() && p["error"].is_string());
         failed.then_some(s)
     });
-    eprintln!("v3 failure reported after {:?}", t0.elapsed());
+    eprintln!("v4 failure reported after {:?}", t0.elapsed());
     let reason = st["pulls"][0]["error"].as_str().unwrap().to_string();
     assert!(reason.contains(&host), "the reason names the registry: {reason}");
     let w = web(&sb);
     assert_eq!((w["phase"].as_str(), w["pid"].as_i64()), (Some("running"), Some(running_pid)));
-    assert_eq!(w["image"], format!("{host}/app@{v2}"));
+    assert_eq!(w["image"], format!("{host}/app@{v3}"));
     sb.kill_agent();
     eprintln!("done after {:?}", start.elapsed());
+}
+
+fn credentials_file(dir: &Path, name: &str, host: &str, pass: &str) -> String {
+    let f = dir.join(name);
+    let text = format!("[[registry]]\nhost = \"{host}\"\ninsecure = true\nusername = \"fleet\"\npassword = \"{pass}\"\n");
+    std::fs::write(&f, text).unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    f.display().to_string()
+}
+
+/// Every regular file under `dir` (symlinks not followed) that holds `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return hits };
+    for e in entries.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            hits.extend(files_holding(&e.path(), needle));
+        } else if ft.is_file() {
+            if let Ok(bytes) = std::fs::read(e.path()) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(e.path().display().to_string());
+                }
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn registry_credentials_work_and_appear_in_no_log_event_report_or_file() {
+    let registry = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (v1, _) = busybox_variant(&work.path().join("v1"), "v1", "one", 16 << 10, 4);
+    registry.push(&work.path().join("v1"), "v1", "app:v1", &[]).unwrap();
+    // The registry sits behind a bearer-token realm; its password buys the token.
+    let (secret, token) = ("pa55-Zq8xR2", "tok-Vn4pK7");
+    let proxy = Proxy::start(registry.port).unwrap();
+    proxy.set_auth(ProxyAuth::Bearer { user: "fleet".into(), pass: secret.into(), token: token.into() });
+    let host = proxy.host();
+    let good = credentials_file(work.path(), "good.toml", &host, secret);
+    // The device's first file has a wrong password (holding the right one, so a
+    // leak of either is caught below).
+    let bad = credentials_file(work.path(), "bad.toml", &host, &format!("x{secret}x"));
+
+    let fleet = Fleet::new("pi-creds");
+    assert!(fleet.events("ops").is_empty());
+    let mut sb = fleet.agent();
+    let base = sb.agent_args.clone();
+    let flags = |regs: &str| -> Vec<String> {
+        let mut a = base.clone();
+        a.extend(["--registries", regs, "--pull-retry", "1s"].iter().map(|s| s.to_string()));
+        a
+    };
+    sb.agent_args = flags(&bad);
+    // Debug logging: what the agent writes at its most verbose must not hold secrets either.
+    sb.agent_env.push(("SKIFF_LOG".into(), "debug".into()));
+    sb.start_agent();
+    let out = fleet.apply(work.path(), &app_toml(&format!("{host}/app:v1")), &["--registries", &good]);
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    let pinned = format!("{host}/app@{v1}");
+
+    // Wrong password: the pull fails with a reason that names the registry.
+    let st = wait_for(Duration::from_secs(60), "the refused pull in the reported state", || {
+        let s = fleet.status();
+        let p = s["pulls"].as_array()?.iter().find(|p| p["image"] == pinned.as_str())?.clone();
+        p["error"].as_str().map(str::to_string)
+    });
+    assert!(st.contains(&host), "the reason names the registry: {st}");
+    let ps = sb.ps();
+    assert!(ps["pulls"][0]["error"].as_str().is_some_and(|e| e.contains(&host)), "{ps}");
+
+    // The right password (the operator fixed the file, the agent restarted): it runs.
+    sb.kill_agent();
+    sb.agent_args = flags(&good);
+    sb.start_agent();
+    let app = sb.wait_app("web", Duration::from_secs(60), "running v1", |a| a["phase"] == "running");
+    assert_eq!(app["image"], pinned.as_str());
+    assert!(sb.logs("web").contains("one"));
+    let reported = wait_for(Duration::from_secs(30), "the running app reported", || {
+        let s = fleet.status();
+        (s["apps"][0]["phase"] == "running").then_some(s)
+    });
+
+    // Nowhere: not in the agent's log, `ps`, the reported state, the events, nor
+    // any file the agent wrote (state, run dir, logs, image store).
+    let texts = [
+        ("agent log", sb.agent_log()),
+        ("ps", sb.ps().to_string()),
+        ("reported state", reported.to_string()),
+        ("events", serde_json::to_string(&fleet.events("ops")).unwrap()),
+    ];
+    assert!(texts[0].1.contains(&host), "the refused pull is in the log");
+    for needle in [secret, token] {
+        for (what, text) in &texts {
+            assert!(!text.contains(needle), "{what} holds a secret: {text}");
+        }
+        assert_eq!(files_holding(sb.dir.path(), needle.as_bytes()), Vec::<String>::new());
+    }
+    sb.kill_agent();
 }

@@ -30,7 +30,9 @@
 //!   docker-registry on 127.0.0.1: wall time against `skopeo copy docker://...
 //!   oci:DIR` of the same image in the same run, and peak RSS (VmHWM) of the pull
 //!   for one 5 MiB layer and for one 50 MiB layer (it must not grow: layers
-//!   stream to disk).
+//!   stream to disk); then the same for the agent itself: its VmHWM before and
+//!   after a controller state makes it pull busybox plus a 5 MiB or a 50 MiB
+//!   layer (through a real mosquitto and skiffctl) and run it.
 //!
 //! Sections can be picked: `bench start memory mqtt size reconcile board storm registry pull kill9`.
 
@@ -181,7 +183,50 @@ fn pull() {
     let (_, big) = skiff_pull(&name("big"));
     println!("peak RSS of skiff image pull (KiB)");
     println!("  one 5 MiB layer                              {small:8}");
-    println!("  one 50 MiB layer                             {big:8}\n");
+    println!("  one 50 MiB layer                             {big:8}");
+    println!("peak RSS of the agent (KiB), idle -> after pulling and running the app");
+    for (tag, mib) in [("agent5", 5usize), ("agent50", 50)] {
+        let dir = src.path().join(tag);
+        skiff_tests::registry::busybox_variant(&dir, tag, tag, mib << 20, mib as u64);
+        reg.push(&dir, tag, &format!("bench:{tag}"), &[]).unwrap();
+        let (idle, peak) = agent_pull_rss(&reg.host(), &name(tag));
+        println!("  busybox + one {mib:2} MiB layer                 {idle:8} -> {peak:8}");
+    }
+    println!();
+}
+
+/// VmHWM (KiB) of `pid`.
+fn hwm_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = text.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap_or("0 kB");
+    line.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)
+}
+
+/// An agent linked to a real broker: its peak RSS once idle, and after a
+/// controller state made it pull `image` and run an app from it.
+fn agent_pull_rss(registry: &str, image: &str) -> (u64, u64) {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let regs = work.path().join("registries.toml");
+    std::fs::write(&regs, format!("[[registry]]\nhost = \"{registry}\"\ninsecure = true\n")).unwrap();
+    std::fs::set_permissions(&regs, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let regs = regs.display().to_string();
+    let fleet = skiff_tests::fleet::Fleet::new("pi-bench");
+    let mut sb = fleet.agent();
+    sb.agent_args.extend(["--registries".to_string(), regs.clone()]);
+    sb.start_agent();
+    let pid = sb.agent_pid().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = hwm_kib(pid);
+    let toml = format!(
+        "[[app]]\nname = \"web\"\nimage = \"{image}\"\ncommand = [\"/bin/sleep\", \"3600\"]\nstop_grace = \"1s\"\n"
+    );
+    let out = fleet.apply(work.path(), &toml, &["--registries", &regs]);
+    assert!(out.status.success(), "skiffctl apply: {}", String::from_utf8_lossy(&out.stderr));
+    sb.wait_app("web", Duration::from_secs(300), "the pulled app running", |a| a["phase"] == "running");
+    let peak = hwm_kib(pid);
+    sb.kill_agent();
+    (idle, peak)
 }
 
 /// The agent SIGKILLed at a random point (0-150 ms) after `skiff apply` of a
