@@ -8,7 +8,7 @@ pkgs=(busybox-static runc file)
 if [[ "$what" == test ]]; then
     pkgs+=(mosquitto mosquitto-clients openssl qemu-system-arm qemu-utils e2fsprogs cpio
         gcc-arm-linux-gnueabihf libc6-dev-armhf-cross valgrind
-        docker-registry skopeo)
+        docker-registry skopeo systemd)
 fi
 
 # The arm64 busybox (test image) and kernel (QEMU board) come from Debian's arm64 archive.

@@ -379,6 +379,8 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
         log_cap: a.log_max_size,
         link: a.mqtt.link_config()?,
         images: None,
+        // Read (and removed from the environment) before any thread starts.
+        notify: crate::sdnotify::Notifier::from_env(),
     };
     let mut pull = a.pull.config();
     pull.retry_budget.get_or_insert(AGENT_PULL_RETRY);

@@ -183,6 +183,14 @@ impl Sandbox {
         }
     }
 
+    /// SIGTERM to the agent; waits for it to exit (containers stay).
+    pub fn stop_agent(&mut self) -> std::process::ExitStatus {
+        let mut c = self.agent.take().expect("an agent");
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        c.wait().unwrap()
+    }
+
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }

@@ -23,7 +23,7 @@ pub use ports::{
     BoxFut, Containers, Images, LocalImages, Progress, RealContainers, RegistryImages, Running, States,
 };
 use skiff_common::protocol::{EventKind, Reported};
-use skiff_common::{AppName, AppStatus, DesiredState, ImageRef, Origin, PullStatus};
+use skiff_common::{AppName, AppStatus, DesiredState, ImageRef, Origin, Phase, PullStatus};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -55,6 +55,8 @@ pub struct AgentConfig {
     /// How images are looked up, pulled and collected; `None`: the image store
     /// alone, with no registry (every pull fails with a clear reason).
     pub images: Option<Arc<dyn Images>>,
+    /// systemd's notify socket, when the agent runs under systemd.
+    pub notify: Option<crate::sdnotify::Notifier>,
 }
 
 /// What the loop is given: its ports, its settings, its link.
@@ -74,7 +76,13 @@ pub struct Parts {
     /// The stored state (read before the link starts: its gate needs the
     /// generation), or why it could not be read.
     pub initial: Result<(DesiredState, Option<String>), String>,
+    /// Told when the agent is ready and pinged from the loop (systemd).
+    pub notify: Option<crate::sdnotify::Notifier>,
 }
+
+/// The longest `READY=1` waits for the apps of the stored state to be created
+/// (a slow board with many apps must not run into systemd's start timeout).
+const READY_WAIT: Duration = Duration::from_secs(60);
 
 enum Input {
     Event(Box<Event>),
@@ -92,6 +100,8 @@ enum Input {
     Persisted(u64, Result<(), String>),
     /// Pull progress moved: publish it.
     Progress,
+    /// Time to ping systemd's watchdog, or to stop waiting for the apps before `READY=1`.
+    Timer,
 }
 
 /// Shared read-only view for the API.
@@ -150,6 +160,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         link,
         incoming,
         initial,
+        notify: cfg.notify,
     };
     let r = run_with(parts, shutdown).await;
     let _ = std::fs::remove_file(&socket);
@@ -158,7 +169,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
 
 /// The loop itself, on whatever ports it is given.
 pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let Parts { containers, states, images, backoff, listener, usage, link, incoming, initial } = parts;
+    let Parts { containers, states, images, backoff, listener, usage, link, incoming, initial, notify } =
+        parts;
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
     let view = Arc::new(Mutex::new(View::default()));
     tokio::spawn(serve_api(listener, tx.clone(), view.clone(), usage.map(Arc::new)));
@@ -264,6 +276,16 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
     publish(&rec, &digests, &pulls, &view);
     report(&rec, intake.applied().origin, &view, link.as_ref(), &mut reported);
 
+    // systemd: READY once the stored state's apps are adopted or created (or
+    // READY_WAIT passed); watchdog pings from this loop, so a hung loop misses them.
+    let mut ready_by = notify.as_ref().map(|_| now + READY_WAIT);
+    let mut pings = notify.as_ref().and_then(|n| n.ping_every()).map(|every| {
+        let mut i = tokio::time::interval_at(now + every, every);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    tell_if_ready(notify.as_ref(), &mut ready_by, &rec, &pulls, now);
+
     tokio::pin!(shutdown);
     loop {
         let deadline = rec.next_deadline();
@@ -271,6 +293,8 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
             _ = &mut shutdown => break,
             i = rx.recv() => i,
             _ = sleep_until(deadline) => Some(Input::Event(Box::new(Event::Tick))),
+            _ = sleep_until(ready_by) => Some(Input::Timer),
+            _ = tick(pings.as_mut()) => Some(Input::Timer),
         };
         let Some(input) = input else { break };
         let now = Instant::now();
@@ -313,6 +337,12 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
             }
             Input::Loaded(result) => intake.step(intake::Input::Loaded { result }),
             Input::Progress => Vec::new(),
+            Input::Timer => {
+                if let (Some(n), Some(_)) = (&notify, &pings) {
+                    n.ping();
+                }
+                Vec::new()
+            }
         };
         for out in outs {
             actions.extend(ex.carry_out_intake(out, &mut rec, now, link.as_ref()));
@@ -320,9 +350,49 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
         ex.carry_out(actions, link.as_ref());
         publish(&rec, &digests, &pulls, &view);
         report(&rec, intake.applied().origin, &view, link.as_ref(), &mut reported);
+        tell_if_ready(notify.as_ref(), &mut ready_by, &rec, &pulls, now);
     }
     info!("agent stopping; containers keep running");
+    if let Some(n) = &notify {
+        n.stopping();
+    }
     Ok(())
+}
+
+/// Sends `READY=1` (once: `ready_by` is then cleared) when no app is being
+/// created or replaced any more, or when `ready_by` has passed.
+fn tell_if_ready(
+    notify: Option<&crate::sdnotify::Notifier>,
+    ready_by: &mut Option<Instant>,
+    rec: &Reconciler,
+    pulls: &Mutex<BTreeMap<String, PullStatus>>,
+    now: Instant,
+) {
+    let (Some(n), Some(by)) = (notify, *ready_by) else { return };
+    let apps = rec.status();
+    let busy = apps.iter().any(|a| matches!(a.phase, Phase::Starting | Phase::Stopping));
+    if busy && now < by {
+        return;
+    }
+    let running = apps.iter().filter(|a| a.phase == Phase::Running).count();
+    let pulling = pulls.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let mut status = format!("generation {}: {running}/{} apps running", rec.generation(), apps.len());
+    if pulling > 0 {
+        status.push_str(&format!(", {pulling} image pulls"));
+    }
+    n.ready(&status);
+    info!(%status, "ready (told systemd)");
+    *ready_by = None;
+}
+
+/// The next tick of `interval`, or never.
+async fn tick(interval: Option<&mut tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -28,6 +28,13 @@ struct FakeContainers {
     /// Creations under way now, and the most seen at once.
     in_flight: Arc<AtomicUsize>,
     max_in_flight: Arc<AtomicUsize>,
+    /// How long creating a container takes.
+    start_delay: Mutex<Duration>,
+    /// `stop` hangs the caller (the loop) this long: a wedged loop.
+    hang_in_stop: Mutex<Duration>,
+    /// Read when the hang begins and ends (watchdog pings received so far).
+    hang_probe: Mutex<Option<Arc<dyn Fn() -> usize + Send + Sync>>>,
+    hang_seen: Mutex<Option<(usize, usize)>>,
 }
 
 impl FakeContainers {
@@ -68,9 +75,10 @@ impl Containers for FakeContainers {
             r.running.insert((spec.name.clone(), instance), (spec.image.to_string(), tx));
         }
         let in_flight = self.in_flight.clone();
+        let delay = *self.start_delay.lock().unwrap();
         Box::pin(async move {
             // Creating a container takes a while; others queue meanwhile.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(5).max(delay)).await;
             in_flight.fetch_sub(1, Ordering::SeqCst);
             Ok(Running {
                 pid: 100,
@@ -93,6 +101,13 @@ impl Containers for FakeContainers {
     }
 
     fn stop(&self, app: AppName, instance: u64, _: Duration) -> BoxFut<()> {
+        let hang = *self.hang_in_stop.lock().unwrap();
+        if !hang.is_zero() {
+            let probe = self.hang_probe.lock().unwrap().clone().expect("a hang probe");
+            let before = probe();
+            std::thread::sleep(hang);
+            *self.hang_seen.lock().unwrap() = Some((before, probe()));
+        }
         let mut r = self.rec();
         r.stops.push((app.clone(), instance));
         if let Some((_, tx)) = r.running.remove(&(app, instance)) {
@@ -216,13 +231,14 @@ fn name(s: &str) -> AppName {
 
 impl Harness {
     fn start(initial: DesiredState, present: &[&str]) -> Harness {
-        Harness::start_with(Ok((initial, None)), Vec::new(), present)
+        Harness::start_with(Ok((initial, None)), Vec::new(), present, None)
     }
 
     fn start_with(
         initial: Result<(DesiredState, Option<String>), String>,
         left: Vec<(AppSpec, u64)>,
         present: &[&str],
+        notify: Option<crate::sdnotify::Notifier>,
     ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("skiff.sock");
@@ -248,6 +264,7 @@ impl Harness {
             link: None,
             incoming: Some(incoming),
             initial,
+            notify,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run_with(parts, async move {
@@ -405,8 +422,12 @@ async fn a_removed_app_is_stopped_and_its_files_removed() {
 #[tokio::test]
 async fn an_unreadable_state_at_start_keeps_what_runs_until_a_new_state_comes() {
     let left = state(3, Origin::Local, &[("web", "web:1")]).apps.remove(0);
-    let h =
-        Harness::start_with(Err("desired.skf: CRC mismatch".into()), vec![(left, 4)], &["web:1", "web:2"]);
+    let h = Harness::start_with(
+        Err("desired.skf: CRC mismatch".into()),
+        vec![(left, 4)],
+        &["web:1", "web:2"],
+        None,
+    );
     let mut ps = h.ps().await;
     for _ in 0..500 {
         if !ps.apps.is_empty() {
@@ -443,4 +464,75 @@ async fn a_slow_flash_write_does_not_stall_the_loop() {
     assert_eq!(answer.await.unwrap(), Ok(()));
     h.until("web:2 running", |h| h.running() == [("web".into(), "web:2".into())]).await;
     h.shutdown().await;
+}
+
+/// systemd's side of the notify socket: every datagram, in order.
+struct Systemd {
+    got: Arc<Mutex<Vec<String>>>,
+    pings: Arc<AtomicUsize>,
+}
+
+impl Systemd {
+    fn listen(dir: &std::path::Path) -> (Systemd, PathBuf) {
+        let path = dir.join("notify");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let got: Arc<Mutex<Vec<String>>> = Arc::default();
+        let pings = Arc::new(AtomicUsize::new(0));
+        let (g, p) = (got.clone(), pings.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok(n) = sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg == "WATCHDOG=1" {
+                    p.fetch_add(1, Ordering::SeqCst);
+                }
+                g.lock().unwrap().push(msg);
+            }
+        });
+        (Systemd { got, pings }, path)
+    }
+
+    fn ready(&self) -> Option<String> {
+        self.got.lock().unwrap().iter().find(|m| m.starts_with("READY=1")).cloned()
+    }
+}
+
+#[tokio::test]
+async fn systemd_hears_ready_once_the_apps_are_created_and_pings_come_from_the_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (systemd, path) = Systemd::listen(dir.path());
+    let every = Duration::from_millis(40);
+    let notify = crate::sdnotify::Notifier::new(path.to_str().unwrap(), Some(every * 2)).unwrap();
+    let apps = [("a", "busybox:1"), ("b", "busybox:1"), ("c", "busybox:1")];
+    // Starting one app takes 300 ms (more than a watchdog period): READY waits for all.
+    let h = {
+        let h = Harness::start_with(
+            Ok((state(5, Origin::Local, &apps), None)),
+            Vec::new(),
+            &["busybox:1"],
+            Some(notify),
+        );
+        *h.containers.start_delay.lock().unwrap() = Duration::from_millis(300);
+        h
+    };
+    h.until("READY", |_| systemd.ready().is_some()).await;
+    assert_eq!(systemd.ready().unwrap(), "READY=1\nSTATUS=generation 5: 3/3 apps running");
+
+    // Pings keep coming while the loop turns...
+    let seen = systemd.pings.load(Ordering::SeqCst);
+    h.until("more pings", |_| systemd.pings.load(Ordering::SeqCst) >= seen + 3).await;
+    // ...and stop while it hangs: a stop that blocks the loop for 25 periods
+    // lets at most the ping already in flight through.
+    let pings = systemd.pings.clone();
+    *h.containers.hang_probe.lock().unwrap() = Some(Arc::new(move || pings.load(Ordering::SeqCst)));
+    *h.containers.hang_in_stop.lock().unwrap() = every * 25;
+    let _answer = h.offer(state(6, Origin::Controller, &apps[..2])).await;
+    h.until("the hang over", |h| h.containers.hang_seen.lock().unwrap().is_some()).await;
+    let (before, after) = h.containers.hang_seen.lock().unwrap().unwrap();
+    assert!(after <= before + 1, "{} pings while the loop hung", after - before);
+    h.until("pings again", |_| systemd.pings.load(Ordering::SeqCst) >= after + 2).await;
+    h.shutdown().await;
+    let got = systemd.got.lock().unwrap().clone();
+    assert_eq!(got.iter().filter(|m| m.starts_with("READY")).count(), 1, "READY once");
+    assert_eq!(got.last().map(String::as_str), Some("STOPPING=1"));
 }
