@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use skiff_common::quantity::{parse_bytes, parse_duration};
 use skiff_common::{toml_file, AppStatus, Health, Phase, PullPolicy};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -360,14 +361,7 @@ fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
 const AGENT_PULL_RETRY: Duration = Duration::from_secs(30);
 
 fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, not in journald or a file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_agent_logging();
     let checks = crate::doctor::run(&paths);
     if let Some(msg) = crate::doctor::fatal(&checks) {
         return Err(Invalid(format!("skiff agent cannot run on this host: {msg}")).into());
@@ -399,6 +393,38 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&socket);
     }
     result
+}
+
+/// Logs to journald with structured fields (`SKIFF_APP=web`,
+/// `SKIFF_GENERATION=7`: `journalctl SKIFF_APP=web`) when systemd connected
+/// stderr to the journal; otherwise plain text on stderr, coloured only for a
+/// person at a terminal.
+fn init_agent_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter =
+        || tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into());
+    let journal_stream = std::env::var("JOURNAL_STREAM").ok();
+    if journald_is_stderr(journal_stream.as_deref(), std::io::stderr().as_raw_fd()) {
+        if let Ok(layer) = tracing_journald::layer() {
+            let layer = layer.with_field_prefix(Some("SKIFF".into())).with_syslog_identifier("skiff".into());
+            tracing_subscriber::registry().with(filter()).with(layer).init();
+            return;
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// systemd sets `JOURNAL_STREAM` to `DEVICE:INODE` of the stream it connected
+/// to the journal; a child whose stderr was redirected inherits the variable
+/// but not the stream, so both must match.
+fn journald_is_stderr(journal_stream: Option<&str>, stderr: std::os::fd::RawFd) -> bool {
+    let Some((dev, ino)) = journal_stream.and_then(|v| v.split_once(':')) else { return false };
+    let Ok(st) = nix::sys::stat::fstat(stderr) else { return false };
+    dev.parse::<libc::dev_t>().ok() == Some(st.st_dev) && ino.parse::<libc::ino_t>().ok() == Some(st.st_ino)
 }
 
 async fn shutdown_signal() {

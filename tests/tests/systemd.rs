@@ -90,3 +90,96 @@ fn the_agent_tells_systemd_it_is_ready_pings_its_watchdog_and_says_when_it_stops
     assert!(st.success(), "agent exit: {st}");
     assert_eq!(got.lock().unwrap().last().map(String::as_str), Some("STOPPING=1"));
 }
+
+/// Records of journald's native protocol: `KEY=value\n`, or `KEY\n`, a
+/// little-endian u64 length, the value and `\n`.
+fn journal_fields(mut p: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while !p.is_empty() {
+        let Some(nl) = p.iter().position(|&b| b == b'\n') else { break };
+        let line = &p[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            out.push((
+                String::from_utf8_lossy(&line[..eq]).into(),
+                String::from_utf8_lossy(&line[eq + 1..]).into(),
+            ));
+            p = &p[nl + 1..];
+        } else {
+            let key = String::from_utf8_lossy(line).into_owned();
+            let rest = &p[nl + 1..];
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            out.push((key, String::from_utf8_lossy(&rest[8..8 + len]).into_owned()));
+            p = &rest[8 + len + 1..];
+        }
+    }
+    out
+}
+
+#[test]
+fn under_systemd_the_agent_logs_to_journald_with_app_fields() {
+    // This machine runs no journald (the test says so and fails otherwise):
+    // the test listens where journald would.
+    let dir = std::path::Path::new("/run/systemd/journal");
+    let path = dir.join("socket");
+    assert!(
+        std::os::unix::net::UnixDatagram::unbound().unwrap().connect(&path).is_err(),
+        "a journald runs here: check with `journalctl SKIFF_APP=a` instead"
+    );
+    let _cleanup = Listening { made_dir: !dir.exists() };
+    std::fs::create_dir_all(dir).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let records: Arc<Mutex<Vec<Vec<(String, String)>>>> = Arc::default();
+    let r = records.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n) = sock.recv(&mut buf) {
+            r.lock().unwrap().push(journal_fields(&buf[..n]));
+        }
+    });
+
+    let mut sb = Sandbox::new();
+    sb.apply("[[app]]\nname = \"a\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"3600\"]\nstop_grace = \"1s\"\n");
+    // systemd hands the agent a stderr stream and names it in JOURNAL_STREAM.
+    let log = sb.dir.path().join("agent.log");
+    std::fs::write(&log, "").unwrap();
+    let meta = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&log).unwrap());
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&log).unwrap());
+    sb.agent_env = vec![("JOURNAL_STREAM".into(), format!("{meta}:{ino}"))];
+    sb.start_agent();
+    sb.wait_running("a");
+    let find = |key: &str, value: &str, msg: &str| {
+        records.lock().unwrap().iter().any(|rec| {
+            rec.iter().any(|(k, v)| k == key && v == value)
+                && rec.iter().any(|(k, v)| k == "MESSAGE" && v == msg)
+        })
+    };
+    wait_for(Duration::from_secs(10), "the app's start in the journal", || {
+        find("SKIFF_APP", "a", "started").then_some(())
+    });
+    assert!(find("SKIFF_GENERATION", "1", "applying the desired state"), "{:?}", records.lock().unwrap());
+    let all = records.lock().unwrap().clone();
+    // (The layer's first datagram is empty: its probe of the socket.)
+    let all: Vec<_> = all.into_iter().filter(|rec| !rec.is_empty()).collect();
+    assert!(
+        all.iter().all(|rec| rec.iter().any(|(k, v)| k == "SYSLOG_IDENTIFIER" && v == "skiff")),
+        "{all:?}"
+    );
+    // ...and nothing went to the plain-text stream meanwhile.
+    assert_eq!(sb.agent_log(), "", "records went to stderr too");
+    sb.kill_agent();
+}
+
+/// Removes the stand-in journald socket (and its directory, if the test made it).
+struct Listening {
+    made_dir: bool,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file("/run/systemd/journal/socket");
+        if self.made_dir {
+            let _ = std::fs::remove_dir("/run/systemd/journal");
+        }
+    }
+}
