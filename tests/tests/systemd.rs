@@ -91,9 +91,11 @@ fn the_agent_tells_systemd_it_is_ready_pings_its_watchdog_and_says_when_it_stops
     assert_eq!(got.lock().unwrap().last().map(String::as_str), Some("STOPPING=1"));
 }
 
+type Record = Vec<(String, String)>;
+
 /// Records of journald's native protocol: `KEY=value\n`, or `KEY\n`, a
 /// little-endian u64 length, the value and `\n`.
-fn journal_fields(mut p: &[u8]) -> Vec<(String, String)> {
+fn journal_fields(mut p: &[u8]) -> Record {
     let mut out = Vec::new();
     while !p.is_empty() {
         let Some(nl) = p.iter().position(|&b| b == b'\n') else { break };
@@ -129,7 +131,7 @@ fn under_systemd_the_agent_logs_to_journald_with_app_fields() {
     std::fs::create_dir_all(dir).unwrap();
     let _ = std::fs::remove_file(&path);
     let sock = UnixDatagram::bind(&path).unwrap();
-    let records: Arc<Mutex<Vec<Vec<(String, String)>>>> = Arc::default();
+    let records: Arc<Mutex<Vec<Record>>> = Arc::default();
     let r = records.clone();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 16];
