@@ -513,9 +513,14 @@ impl Executor {
                 info!(generation = state.generation, apps = state.apps.len(), "applying the desired state");
                 rec.step(Event::Desired(state), now)
             }
-            intake::Output::Collect { keep } => {
-                let images = self.images.clone();
-                tokio::task::spawn_blocking(move || images.collect(&keep));
+            intake::Output::Collect { mut keep } => {
+                let (images, containers) = (self.images.clone(), self.containers.clone());
+                tokio::task::spawn_blocking(move || {
+                    // What a container still runs from (one being stopped, or one a
+                    // restart mid-update left) stays, whatever the states say.
+                    keep.extend(containers.images_in_use());
+                    images.collect(&keep)
+                });
                 Vec::new()
             }
             intake::Output::Event { kind, detail } => {

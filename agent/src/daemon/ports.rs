@@ -49,6 +49,8 @@ pub trait Containers: Send + Sync + 'static {
     fn forget(&self, app: &AppName, instance: u64);
     /// Removes what a removed app left: its logs and run-dir leftovers (blocking).
     fn remove_app(&self, app: &AppName);
+    /// The images containers on record run from, stopping ones included (blocking).
+    fn images_in_use(&self) -> BTreeSet<ImageRef>;
 }
 
 pub trait States: Send + Sync + 'static {
@@ -120,6 +122,10 @@ impl Containers for RealContainers {
         if let Err(err) = self.0.remove_app_files(app) {
             tracing::warn!(app = %app, %err, "removing the files of a removed app");
         }
+    }
+
+    fn images_in_use(&self) -> BTreeSet<ImageRef> {
+        self.0.images_in_use()
     }
 }
 

@@ -35,6 +35,8 @@ struct FakeContainers {
     /// Read when the hang begins and ends (watchdog pings received so far).
     hang_probe: Mutex<Option<Arc<dyn Fn() -> usize + Send + Sync>>>,
     hang_seen: Mutex<Option<(usize, usize)>>,
+    /// Stops are recorded but containers do not exit (a long stop grace).
+    slow_stops: Mutex<bool>,
 }
 
 impl FakeContainers {
@@ -110,6 +112,9 @@ impl Containers for FakeContainers {
         }
         let mut r = self.rec();
         r.stops.push((app.clone(), instance));
+        if *self.slow_stops.lock().unwrap() {
+            return Box::pin(async {});
+        }
         if let Some((_, tx)) = r.running.remove(&(app, instance)) {
             let _ = tx.send(ExitInfo { code: None, signal: Some(15), oom_killed: false });
         }
@@ -128,6 +133,10 @@ impl Containers for FakeContainers {
 
     fn remove_app(&self, app: &AppName) {
         self.rec().removed.push(app.clone());
+    }
+
+    fn images_in_use(&self) -> BTreeSet<ImageRef> {
+        self.rec().running.values().map(|(image, _)| img(image)).collect()
     }
 }
 
@@ -535,4 +544,20 @@ async fn systemd_hears_ready_once_the_apps_are_created_and_pings_come_from_the_l
     let got = systemd.got.lock().unwrap().clone();
     assert_eq!(got.iter().filter(|m| m.starts_with("READY")).count(), 1, "READY once");
     assert_eq!(got.last().map(String::as_str), Some("STOPPING=1"));
+}
+
+#[tokio::test]
+async fn collection_keeps_the_image_of_a_container_still_stopping() {
+    let h = Harness::start(state(1, Origin::Local, &[("web", "web:1")]), &["web:1", "web:2", "web:3"]);
+    h.until("web:1 running", |h| h.running() == [("web".into(), "web:1".into())]).await;
+    // web:1 takes its time to stop while two newer states come.
+    *h.containers.slow_stops.lock().unwrap() = true;
+    let _v2 = h.offer(state(10, Origin::Controller, &[("web", "web:2")])).await;
+    h.until("web:1 asked to stop", |h| !h.containers.rec().stops.is_empty()).await;
+    let _v3 = h.offer(state(11, Origin::Controller, &[("web", "web:3")])).await;
+    h.until("two collections", |h| h.images.collected.lock().unwrap().len() == 2).await;
+    let keep = h.images.collected.lock().unwrap()[1].clone();
+    // The states say web:2 (previous) and web:3 (current); web:1 still runs.
+    assert_eq!(keep, [img("web:1"), img("web:2"), img("web:3")].into_iter().collect());
+    h.shutdown().await;
 }

@@ -263,6 +263,23 @@ impl Runtime {
     }
 
     /// Everything a previous agent left under the run dir.
+    /// The images of every container instance on record (running, being
+    /// stopped, or exited and not yet forgotten). Only reads: unlike `scan`,
+    /// safe while the agent runs.
+    pub fn images_in_use(&self) -> std::collections::BTreeSet<skiff_common::ImageRef> {
+        let mut out = std::collections::BTreeSet::new();
+        let Ok(apps) = std::fs::read_dir(self.paths.apps()) else { return out };
+        for app_dir in apps.flatten() {
+            let Ok(instances) = std::fs::read_dir(app_dir.path()) else { continue };
+            for inst in instances.flatten() {
+                if let Ok(Some(cfg)) = instance::read::<ShimConfig>(&inst.path(), instance::CONFIG) {
+                    out.insert(cfg.spec.image);
+                }
+            }
+        }
+        out
+    }
+
     pub fn scan(&self) -> Vec<Found> {
         let mut out = Vec::new();
         let Ok(apps) = std::fs::read_dir(self.paths.apps()) else { return out };
