@@ -627,8 +627,11 @@ fn cut_delays(writes: &[Duration], n: usize, rng: &mut impl Rng) -> Vec<Duration
 /// A guest that never finishes is killed at the timeout, not waited on forever.
 #[test]
 fn board_hung_guest_times_out() {
-    let out = board::run_guest("echo HANG-START; sleep 600", None, Duration::from_secs(5));
+    // Long enough for the guest to boot on a loaded machine (5 s was not, once),
+    // far shorter than the script.
+    let timeout = Duration::from_secs(30);
+    let out = board::run_guest("echo HANG-START; sleep 600", None, timeout);
     assert_eq!(out.ending, Ending::TimedOut, "{}", out.transcript());
     assert!(out.has_line("HANG-START"), "the guest never ran the script\n{}", out.transcript());
-    assert!(out.elapsed < Duration::from_secs(10), "the kill took {:?}", out.elapsed);
+    assert!(out.elapsed < timeout + Duration::from_secs(5), "the kill took {:?}", out.elapsed);
 }
