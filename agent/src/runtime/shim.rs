@@ -29,7 +29,7 @@ use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
-use skiff_common::ExitInfo;
+use skiff_common::{ExitInfo, NetworkMode};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -290,6 +290,11 @@ fn create_and_start(
     };
     // The write ends now live only in the container: EOF comes when it is gone.
     std::thread::Builder::new().name("output".into()).spawn(move || copy_to_log(out_r, &mut log))?;
+    if cfg.spec.network == NetworkMode::None {
+        // The init waits for start: the namespace exists, the app has not run.
+        let init = container.pid().ok_or_else(|| anyhow!("container has no pid after create"))?.as_raw();
+        super::loopback::up_in(init).context("bringing up loopback in the app's network namespace")?;
+    }
     container.start().context("starting the container")?;
     let pid = container.pid().ok_or_else(|| anyhow!("container has no pid after start"))?.as_raw();
     let me = std::process::id() as i32;
