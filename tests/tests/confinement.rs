@@ -3,7 +3,7 @@
 //! (CapEff/CapBnd of /proc/self/status), no raw or packet sockets on the host
 //! network unless CAP_NET_RAW is added, loopback up with `network = "none"`,
 //! /proc/interrupts masked, and setuid binaries working only with
-//! `no_new_privileges = false`.
+//! `no_new_privileges = false`; exec probes run as the app's user.
 
 use skiff_tests::agent::Sandbox;
 use std::os::unix::fs::PermissionsExt;
@@ -63,7 +63,7 @@ fn security_settings_and_network_defaults_hold_inside_containers() {
     // Run as user 1000 in a fresh network namespace (ping_group_range "1 0"
     // there: only a raw socket, so CAP_NET_RAW, lets ping work).
     let ping_as_user = script(
-        "id; /suid/busybox ping -c 1 -W 2 127.0.0.1 >/dev/null 2>&1 && echo suid-ping=ok || echo suid-ping=failed",
+        "id; grep -E '^Cap(Eff|Bnd):' /proc/self/status; /suid/busybox ping -c 1 -W 2 127.0.0.1 >/dev/null 2>&1 && echo suid-ping=ok || echo suid-ping=failed",
     );
     sb.start_agent();
     sb.apply(&format!(
@@ -102,6 +102,14 @@ user = "1000:1000"
 network = "none"
 no_new_privileges = false
 {suid_mount}{ping_as_user}
+[[app]]
+name = "user-probed"
+image = "busybox:1"
+user = "1000:1000"
+command = ["sleep", "3600"]
+[app.readiness]
+exec = ["sh", "-c", "test $(id -u):$(id -g) = 1000:1000"]
+period = "200ms"
 [[app]]
 name = "user-nnp"
 image = "busybox:1"
@@ -161,10 +169,14 @@ network = "none"
     // user: the ids; a setuid binary works only with no_new_privileges off.
     let user = output(&sb, "user");
     assert!(user.contains("uid=1000 gid=1000"), "{user}");
+    assert_eq!(caps(&user, "CapEff:"), 0, "a user starts with no effective capabilities:\n{user}");
+    assert_eq!(caps(&user, "CapBnd:"), caps(&isolated, "CapBnd:"), "{user}");
     assert_eq!(value(&user, "suid-ping="), "ok", "setuid works with no_new_privileges = false:\n{user}");
     let nnp = output(&sb, "user-nnp");
     assert!(nnp.contains("uid=1000 gid=1000"), "a uid alone runs with the group of that number:\n{nnp}");
     assert_eq!(value(&nnp, "suid-ping="), "failed", "setuid grants nothing by default:\n{nnp}");
+    // Exec probes run as the app's user too (libcontainer's default is root).
+    sb.wait_app("user-probed", Duration::from_secs(20), "ready", |a| a["ready"] == "passing");
     sb.kill_agent();
 }
 
