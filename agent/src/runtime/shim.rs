@@ -215,6 +215,15 @@ fn create_and_start(
             std::fs::canonicalize(f).ok().map(|p| (p.to_string_lossy().into_owned(), f.to_string()))
         })
         .collect();
+    let cpus: Vec<String> = std::fs::read_dir("/sys/devices/system/cpu")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().join("thermal_throttle").is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let host_masked = spec::thermal_paths(cpus.iter().map(String::as_str));
     if cgroups.version == spec::CgroupVersion::V2 {
         // libcgroups 0.7 creates each part of the path with a check-then-mkdir,
         // so shims starting together after a boot race on the shared parent
@@ -236,6 +245,7 @@ fn create_and_start(
         cgroups: cgroups.version,
         devices: &devices,
         host_files: &host_files,
+        host_masked: &host_masked,
     })?;
     let bundle = dir.join("bundle");
     crate::fsutil::private_dir(&bundle)?;

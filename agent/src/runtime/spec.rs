@@ -49,6 +49,9 @@ pub struct SpecInputs<'a> {
     pub devices: &'a [HostDevice],
     /// Host files bound read-only into host-network containers (resolv.conf, hosts).
     pub host_files: &'a [(String, String)],
+    /// Host paths that exist only on some hosts and are masked like `MASKED`
+    /// (the per-CPU `thermal_throttle` directories, see `thermal_paths`).
+    pub host_masked: &'a [String],
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -92,6 +95,22 @@ const MASKED: &[&str] = &[
     "/sys/firmware",
     "/sys/devices/virtual/powercap",
 ];
+
+/// The per-CPU thermal throttle counters Docker masks too (moby #49560: they
+/// leak the host's thermal interrupts, a side channel). Their number depends on
+/// the host, so the shim lists them: `cpus` are the names under
+/// /sys/devices/system/cpu whose `thermal_throttle` directory exists.
+pub fn thermal_paths<'a>(cpus: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = cpus
+        .into_iter()
+        .filter(|c| {
+            c.strip_prefix("cpu").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|c| format!("/sys/devices/system/cpu/{c}/thermal_throttle"))
+        .collect();
+    out.sort();
+    out
+}
 
 const READONLY: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
 
@@ -261,7 +280,7 @@ pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
             "resources": resources,
             "namespaces": namespaces,
             "devices": device_nodes,
-            "maskedPaths": MASKED,
+            "maskedPaths": MASKED.iter().copied().chain(i.host_masked.iter().map(String::as_str)).collect::<Vec<_>>(),
             "readonlyPaths": READONLY
         }
     }))
@@ -305,6 +324,7 @@ mod tests {
             cgroups: cg,
             devices,
             host_files: &[("/etc/resolv.conf".into(), "/etc/resolv.conf".into())],
+            host_masked: &thermal_paths(["cpu1", "cpu0", "cpufreq"]),
         })
         .unwrap()
     }
@@ -413,7 +433,13 @@ mod tests {
         assert_eq!(s["process"]["user"], json!({"uid": 0, "gid": 0}));
         assert_eq!(s["root"]["readonly"], false);
         assert_eq!(s["process"]["noNewPrivileges"], true);
-        assert!(field_of_each_str(&s["linux"]["maskedPaths"]).contains(&"/proc/interrupts"));
+        let masked = field_of_each_str(&s["linux"]["maskedPaths"]);
+        assert!(masked.contains(&"/proc/interrupts"));
+        assert!(masked.ends_with(&[
+            "/sys/devices/system/cpu/cpu0/thermal_throttle",
+            "/sys/devices/system/cpu/cpu1/thermal_throttle"
+        ]));
+        assert_eq!(masked.len(), MASKED.len() + 2, "cpufreq is not a CPU");
         let a = app("user = \"1000:100\"\nread_only_rootfs = true\nno_new_privileges = false\n");
         let s = build_for(&a, CgroupVersion::V1, &[]);
         assert_eq!(s["process"]["user"], json!({"uid": 1000, "gid": 100}));
@@ -431,6 +457,7 @@ mod tests {
             cgroups: CgroupVersion::V1,
             devices: &[],
             host_files: &[],
+            host_masked: &[],
         })
         .unwrap();
         assert_eq!(s["process"]["user"], json!({"uid": 1000, "gid": 1000}));
