@@ -94,6 +94,25 @@ fn bad_files_are_rejected_clearly_and_change_nothing() {
     expect_invalid(&sb, &format!("{head}[app.resources]\ncpus = 0.0\n"), "5:8", "resources.cpus");
     expect_invalid(&sb, &format!("{head}[app.resources]\npids = -4\n"), "5:8", "resources.pids");
     expect_invalid(&sb, &format!("{head}restart = \"sometimes\"\n"), "4:11", "restart");
+    expect_invalid(
+        &sb,
+        &format!("{head}user = \"nobody\"\n"),
+        "4:8",
+        "app \"web\": user: \"nobody\" is not a numeric",
+    );
+    expect_invalid(
+        &sb,
+        &format!("{head}cap_add = [\"KILL\", \"FLY\"]\n"),
+        "4:20",
+        "app \"web\": cap_add: \"FLY\"",
+    );
+    expect_invalid(
+        &sb,
+        &format!("{head}cap_drop = [\"ALL\", \"KILL\"]\n"),
+        "4:12",
+        "app \"web\": cap_drop: ALL",
+    );
+    expect_invalid(&sb, &format!("{head}[app.security]\nseccomp = \"off\"\n"), "5:11", "security.seccomp");
     expect_invalid(&sb, &format!("{head}image = \"x\"\n"), "4:", "duplicate key");
     expect_invalid(&sb, "[[app]]\nname = \"web\"\nimage = \"BusyBox\"\n", "3:9", "image");
     expect_invalid(

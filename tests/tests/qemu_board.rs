@@ -15,7 +15,11 @@
 //! - power cut at random moments of `skiff apply`, 20 times: every following boot, with no
 //!   network, finds the old or the new desired state intact and brings all its apps back
 //!   (`board_power_cuts_during_apply`);
-//! - a guest that hangs is killed at the timeout (`board_hung_guest_times_out`).
+//! - a guest that hangs is killed at the timeout (`board_hung_guest_times_out`);
+//! - the security settings and network defaults hold inside containers on the board:
+//!   `user`, a read-only root, `cap_add`/`cap_drop` in CapBnd, no raw or packet socket on
+//!   the host network unless CAP_NET_RAW is added, loopback up with `network = "none"`,
+//!   /proc/interrupts masked (`board_confinement`).
 //!
 //! They run as root and need apt (the scripts install QEMU and fetch the kernel). Boots are
 //! serialized, one board at a time.
@@ -634,4 +638,120 @@ fn board_hung_guest_times_out() {
     assert_eq!(out.ending, Ending::TimedOut, "{}", out.transcript());
     assert!(out.has_line("HANG-START"), "the guest never ran the script\n{}", out.transcript());
     assert!(out.elapsed < timeout + Duration::from_secs(5), "the kill took {:?}", out.elapsed);
+}
+
+const CONFINED_APPS: &str = r#"
+[[app]]
+name = "plain"
+image = "busybox:1"
+command = ["sh", "-c", "/probe"]
+restart = "never"
+mounts = [{ source = "/tmp/probe", target = "/probe", readonly = true }]
+
+[[app]]
+name = "raw"
+image = "busybox:1"
+command = ["sh", "-c", "/probe"]
+restart = "never"
+mounts = [{ source = "/tmp/probe", target = "/probe", readonly = true }]
+cap_add = ["NET_RAW"]
+
+[[app]]
+name = "tweaked"
+image = "busybox:1"
+command = ["sh", "-c", "/probe"]
+restart = "never"
+mounts = [{ source = "/tmp/probe", target = "/probe", readonly = true }]
+cap_add = ["NET_ADMIN"]
+cap_drop = ["CHOWN"]
+read_only_rootfs = true
+
+[[app]]
+name = "isolated"
+image = "busybox:1"
+command = ["sh", "-c", "/probe; echo lo-flags=$(cat /sys/class/net/lo/flags); ping -c 1 -W 2 127.0.0.1 >/dev/null 2>&1 && echo ping=ok || echo ping=failed"]
+restart = "never"
+mounts = [{ source = "/tmp/probe", target = "/probe", readonly = true }]
+network = "none"
+
+[[app]]
+name = "user"
+image = "busybox:1"
+command = ["sh", "-c", "id; grep CapEff /proc/self/status"]
+restart = "never"
+user = "1000:1000"
+"#;
+
+/// What each app sees from inside on the board (cgroup v2, aarch64): the same checks as
+/// tests/confinement.rs on x86. A raw ICMP socket (traceroute) and a packet socket (arping)
+/// are refused with EPERM on the host network unless `cap_add` has NET_RAW.
+#[test]
+fn board_confinement() {
+    let script = guest_script(
+        r#"
+set -u
+cat >/tmp/probe <<'PROBE'
+#!/bin/sh
+grep -E '^Cap(Eff|Bnd):' /proc/self/status
+out=$(traceroute -n -m 1 -q 1 -w 1 127.0.0.1 2>&1)
+case "$out" in *'not permitted'*) echo raw=eperm ;; *) echo raw=opened ;; esac
+out=$(arping -c 1 -w 1 -I lo 127.0.0.1 2>&1)
+case "$out" in *'not permitted'*) echo packet=eperm ;; *) echo packet=opened ;; esac
+touch /written 2>/dev/null && echo root=writable || echo root=read-only
+echo interrupts-bytes=$(wc -c </proc/interrupts)
+PROBE
+chmod 755 /tmp/probe
+echo "HOST-INTERRUPTS: $(wc -c </proc/interrupts)"
+skiff image load /images/busybox >/dev/null || exit 1
+cat >/tmp/apps.toml <<'APPS'
+@APPS@
+APPS
+skiff apply -f /tmp/apps.toml >/dev/null || exit 1
+start_agent
+for a in plain raw tweaked isolated user; do
+    until_ps "\$1 == \"$a\" && \$2 == \"exited\"" 30 || echo "WAIT-TIMEOUT: $a exited"
+    skiff logs "$a" | sed "s/^/$a| /"
+done
+agent_log
+"#,
+        &[("@APPS@", CONFINED_APPS)],
+    );
+    let out = board::run_guest(&script, None, Duration::from_secs(120));
+    out.assert_success();
+    let t = out.transcript();
+    let caps = |app: &str, key: &str| {
+        u64::from_str_radix(out.expect_value(&format!("{app}| {key}")).trim(), 16)
+            .unwrap_or_else(|e| panic!("{app} {key}: {e}\n{t}"))
+    };
+    let val = |app: &str, key: &str| out.expect_value(&format!("{app}| {key}=")).trim().to_string();
+    const CHOWN: u64 = 1 << 0;
+    const NET_ADMIN: u64 = 1 << 12;
+    const NET_RAW: u64 = 1 << 13;
+
+    let plain = caps("plain", "CapBnd:");
+    assert_eq!(plain & NET_RAW, 0, "a host-network app has no CAP_NET_RAW\n{t}");
+    assert_ne!(plain & CHOWN, 0, "{t}");
+    assert_eq!(caps("plain", "CapEff:"), plain, "{t}");
+    assert_eq!(val("plain", "raw"), "eperm", "{t}");
+    assert_eq!(val("plain", "packet"), "eperm", "{t}");
+    assert_eq!(val("plain", "root"), "writable", "{t}");
+    assert_ne!(out.expect_value("HOST-INTERRUPTS: "), "0", "{t}");
+    assert_eq!(val("plain", "interrupts-bytes"), "0", "/proc/interrupts is masked\n{t}");
+
+    assert_eq!(caps("raw", "CapBnd:"), plain | NET_RAW, "{t}");
+    assert_eq!(val("raw", "raw"), "opened", "{t}");
+    assert_eq!(val("raw", "packet"), "opened", "{t}");
+
+    assert_eq!(caps("tweaked", "CapBnd:"), (plain | NET_ADMIN) & !CHOWN, "{t}");
+    assert_eq!(val("tweaked", "root"), "read-only", "{t}");
+
+    let flags = val("isolated", "lo-flags");
+    let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).expect("lo flags");
+    assert_eq!(flags & 1, 1, "lo is up\n{t}");
+    assert_eq!(val("isolated", "ping"), "ok", "{t}");
+    assert_ne!(caps("isolated", "CapBnd:") & NET_RAW, 0, "{t}");
+
+    assert!(out.value("user| uid=1000 gid=1000").is_some(), "user = 1000:1000\n{t}");
+    assert_eq!(caps("user", "CapEff:"), 0, "{t}");
+    println!("board confinement: run took {:?}", out.elapsed);
 }

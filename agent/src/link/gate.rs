@@ -144,6 +144,17 @@ mod tests {
         let Verdict::Reject(r) = g.check(&payload) else { panic!() };
         assert_eq!(r.generation, Some(6));
         assert_eq!(r.reason, "refused: invalid desired state: app \"web\": stop_grace: must be at most 10m");
+        // The security settings go through the same checks.
+        let mut s = skiff_common::toml_file::parse("[[app]]\nname = \"web\"\nimage = \"busybox\"\n").unwrap();
+        s.generation = 7;
+        s.origin = Origin::Controller;
+        s.apps[0].security.cap_add = vec![skiff_common::Capability::SysAdmin; 2];
+        let body = DesiredBody { device: d.clone(), state: s, replaces: None };
+        let Verdict::Reject(r) = g.check(&seal_desired_unvalidated(&k, &body).unwrap()) else { panic!() };
+        assert_eq!(
+            r.reason,
+            "refused: invalid desired state: app \"web\": cap_add: CAP_SYS_ADMIN is listed twice"
+        );
     }
 
     #[test]

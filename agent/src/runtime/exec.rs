@@ -6,9 +6,12 @@
 //! A probe never leaves a process behind: the command runs as a session leader
 //! in the container (libcontainer's init calls setsid), and when it exits or
 //! times out every live process of that session is SIGKILLed, whatever it
-//! forked. Only a process that made a session of its own escapes.
+//! forked. Only a process that made a session of its own escapes. It runs as
+//! the app's user, with the app's capabilities and no-new-privileges setting.
 
 use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::oci_spec::runtime::Spec;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
@@ -35,9 +38,10 @@ pub fn main(root: &Path, id: &str, timeout: Duration, args: Vec<String>) -> i32 
     // has cleaned up. (The agent does not make it a group leader.)
     let _ = nix::unistd::setsid();
     crate::sys::default_sigpipe();
-    let built = ContainerBuilder::new(id.to_string(), SyscallType::default())
-        .with_root_path(root)
-        .map(|b| b.as_tenant().with_container_args(args).with_detach(true).build());
+    let built = ContainerBuilder::new(id.to_string(), SyscallType::default()).with_root_path(root).map(|b| {
+        let (uid, gid) = init_user(root, id).unzip();
+        b.as_tenant().with_container_args(args).with_user(uid).with_group(gid).with_detach(true).build()
+    });
     crate::sys::ignore_sigpipe();
     let pid = match built {
         Ok(Ok(pid)) => pid,
@@ -74,6 +78,17 @@ pub fn main(root: &Path, id: &str, timeout: Duration, args: Vec<String>) -> i32 
             }
         }
     }
+}
+
+/// The uid and gid the container's own process runs as (the app's `user`).
+/// libcontainer runs a tenant as root unless told otherwise; a probe runs as
+/// the app does, as `docker exec` does. `None` when the container cannot be
+/// read, and then the builder fails on it too.
+fn init_user(root: &Path, id: &str) -> Option<(u32, u32)> {
+    let container = Container::load(root.join(id)).ok()?;
+    let spec = Spec::load(container.bundle().join("config.json")).ok()?;
+    let user = spec.process().as_ref()?.user();
+    Some((user.uid(), user.gid()))
 }
 
 /// SIGKILLs every live process of session `sid` and returns once none is left

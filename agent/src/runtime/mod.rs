@@ -10,6 +10,7 @@ pub mod cgroups;
 pub mod exec;
 pub mod instance;
 pub mod logs;
+pub mod loopback;
 pub mod shim;
 pub mod spec;
 

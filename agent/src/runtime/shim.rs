@@ -29,7 +29,7 @@ use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
-use skiff_common::ExitInfo;
+use skiff_common::{ExitInfo, NetworkMode};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -215,6 +215,15 @@ fn create_and_start(
             std::fs::canonicalize(f).ok().map(|p| (p.to_string_lossy().into_owned(), f.to_string()))
         })
         .collect();
+    let cpus: Vec<String> = std::fs::read_dir("/sys/devices/system/cpu")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().join("thermal_throttle").is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let host_masked = spec::thermal_paths(cpus.iter().map(String::as_str));
     if cgroups.version == spec::CgroupVersion::V2 {
         // libcgroups 0.7 creates each part of the path with a check-then-mkdir,
         // so shims starting together after a boot race on the shared parent
@@ -236,6 +245,7 @@ fn create_and_start(
         cgroups: cgroups.version,
         devices: &devices,
         host_files: &host_files,
+        host_masked: &host_masked,
     })?;
     let bundle = dir.join("bundle");
     crate::fsutil::private_dir(&bundle)?;
@@ -290,6 +300,11 @@ fn create_and_start(
     };
     // The write ends now live only in the container: EOF comes when it is gone.
     std::thread::Builder::new().name("output".into()).spawn(move || copy_to_log(out_r, &mut log))?;
+    if cfg.spec.network == NetworkMode::None {
+        // The init waits for start: the namespace exists, the app has not run.
+        let init = container.pid().ok_or_else(|| anyhow!("container has no pid after create"))?.as_raw();
+        super::loopback::up_in(init).context("bringing up loopback in the app's network namespace")?;
+    }
     container.start().context("starting the container")?;
     let pid = container.pid().ok_or_else(|| anyhow!("container has no pid after start"))?.as_raw();
     let me = std::process::id() as i32;

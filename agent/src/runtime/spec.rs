@@ -2,9 +2,11 @@
 //! about the host (cgroup version, device numbers, which host files exist) is
 //! passed in, so the whole policy is testable without a container.
 //!
-//! Policy: Docker-like default capabilities (less CAP_MKNOD on cgroup v2, where
-//! the device rules are not enforced), masked and read-only /proc paths,
-//! no new privileges, a deny-all device cgroup rule followed by the devices the
+//! Policy: Docker's default capabilities, changed by the app's `cap_add` and
+//! `cap_drop` (less CAP_NET_RAW on the host network, less CAP_MKNOD on cgroup
+//! v2 where the device rules are not enforced, see `capabilities`), Docker's
+//! masked and read-only /proc paths, no new privileges unless the app turns
+//! it off, the app's `user` and read-only root when it asks, a deny-all device cgroup rule followed by the devices the
 //! app lists, its own pid/ipc/uts/mount namespaces (plus network for
 //! `network = "none"`, and cgroup on cgroup v2). On cgroup v1 neither a cgroup
 //! namespace nor a /sys/fs/cgroup mount is set up: libcontainer 0.7 fails to
@@ -12,7 +14,7 @@
 
 use crate::image::ImageConfig;
 use serde_json::{json, Value};
-use skiff_common::{AppSpec, NetworkMode};
+use skiff_common::{AppSpec, Capability, NetworkMode};
 
 /// cgroup layout of the host, as far as the spec cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +49,9 @@ pub struct SpecInputs<'a> {
     pub devices: &'a [HostDevice],
     /// Host files bound read-only into host-network containers (resolv.conf, hosts).
     pub host_files: &'a [(String, String)],
+    /// Host paths that exist only on some hosts and are masked like `MASKED`
+    /// (the per-CPU `thermal_throttle` directories, see `thermal_paths`).
+    pub host_masked: &'a [String],
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,26 +62,29 @@ pub enum SpecError {
     User(String),
 }
 
-const CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
+/// Docker's default capability set (moby `oci/caps/defaults.go`).
+pub const DEFAULT_CAPS: &[Capability] = &[
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
 ];
 
+/// Docker's current default masked paths (moby `oci/defaults.go`).
 const MASKED: &[&str] = &[
-    "/proc/acpi",
     "/proc/asound",
+    "/proc/acpi",
+    "/proc/interrupts",
     "/proc/kcore",
     "/proc/keys",
     "/proc/latency_stats",
@@ -87,6 +95,22 @@ const MASKED: &[&str] = &[
     "/sys/firmware",
     "/sys/devices/virtual/powercap",
 ];
+
+/// The per-CPU thermal throttle counters Docker masks too (moby #49560: they
+/// leak the host's thermal interrupts, a side channel). Their number depends on
+/// the host, so the shim lists them: `cpus` are the names under
+/// /sys/devices/system/cpu whose `thermal_throttle` directory exists.
+pub fn thermal_paths<'a>(cpus: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = cpus
+        .into_iter()
+        .filter(|c| {
+            c.strip_prefix("cpu").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|c| format!("/sys/devices/system/cpu/{c}/thermal_throttle"))
+        .collect();
+    out.sort();
+    out
+}
 
 const READONLY: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
 
@@ -109,6 +133,34 @@ fn parse_user(user: Option<&str>) -> Result<(u32, u32), SpecError> {
         None => uid,
     };
     Ok((uid, gid))
+}
+
+/// The capabilities the app's process gets (bounding, permitted and
+/// effective), in kernel order. Docker's rules: `cap_drop = ["ALL"]` starts
+/// from nothing, otherwise from the default set less `cap_drop`; then
+/// `cap_add`. Two of skiff's own on top: a host-network app has no
+/// CAP_NET_RAW unless it adds it (with it, an app could open raw and packet
+/// sockets on the host's interfaces and capture the host's traffic), and on
+/// cgroup v2 no CAP_MKNOD unless added (this build does not enforce device
+/// rules there; without it an app only reaches the nodes skiff puts in its
+/// fresh /dev, and device files cannot come in through `mounts`).
+pub fn capabilities(app: &AppSpec, cgroups: CgroupVersion) -> Vec<Capability> {
+    let sec = &app.security;
+    let mut caps: Vec<Capability> = if sec.cap_drop_all {
+        Vec::new()
+    } else {
+        DEFAULT_CAPS
+            .iter()
+            .copied()
+            .filter(|c| !sec.cap_drop.contains(c))
+            .filter(|c| !(*c == Capability::NetRaw && app.network == NetworkMode::Host))
+            .filter(|c| !(*c == Capability::Mknod && cgroups == CgroupVersion::V2))
+            .collect()
+    };
+    caps.extend(sec.cap_add.iter().copied());
+    caps.sort();
+    caps.dedup();
+    caps
 }
 
 /// The process arguments: the app's `command`, else the image's entrypoint + cmd.
@@ -145,7 +197,10 @@ pub fn env(app: &AppSpec, image: &ImageConfig) -> Vec<String> {
 
 pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
     let app = i.app;
-    let (uid, gid) = parse_user(i.image.user.as_deref())?;
+    let (uid, gid) = match app.security.user {
+        Some(u) => (u.uid, u.effective_gid()),
+        None => parse_user(i.image.user.as_deref())?,
+    };
     let cwd = app.workdir.clone().or_else(|| i.image.workdir.clone()).filter(|w| !w.is_empty());
 
     let mut mounts = vec![
@@ -204,14 +259,7 @@ pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
         resources["pids"] = json!({"limit": p});
     }
 
-    // This build has no eBPF device controller, so on cgroup v2 the device
-    // rules above are not enforced by the kernel. Without CAP_MKNOD an app can
-    // only reach the device nodes skiff puts in its fresh /dev (and device
-    // files cannot come in through `mounts`: the shim refuses them).
-    let caps: Vec<&str> = match i.cgroups {
-        CgroupVersion::V1 => CAPS.to_vec(),
-        CgroupVersion::V2 => CAPS.iter().copied().filter(|c| *c != "CAP_MKNOD").collect(),
-    };
+    let caps: Vec<&str> = capabilities(app, i.cgroups).into_iter().map(Capability::as_str).collect();
     Ok(json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -222,9 +270,9 @@ pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
             "cwd": cwd.unwrap_or_else(|| "/".into()),
             "capabilities": {"bounding": &caps, "effective": &caps, "permitted": &caps},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 1024}],
-            "noNewPrivileges": true
+            "noNewPrivileges": app.security.no_new_privileges
         },
-        "root": {"path": i.rootfs, "readonly": false},
+        "root": {"path": i.rootfs, "readonly": app.security.read_only_rootfs},
         "hostname": app.name.as_str(),
         "mounts": mounts,
         "linux": {
@@ -232,7 +280,7 @@ pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
             "resources": resources,
             "namespaces": namespaces,
             "devices": device_nodes,
-            "maskedPaths": MASKED,
+            "maskedPaths": MASKED.iter().copied().chain(i.host_masked.iter().map(String::as_str)).collect::<Vec<_>>(),
             "readonlyPaths": READONLY
         }
     }))
@@ -276,6 +324,7 @@ mod tests {
             cgroups: cg,
             devices,
             host_files: &[("/etc/resolv.conf".into(), "/etc/resolv.conf".into())],
+            host_masked: &thermal_paths(["cpu1", "cpu0", "cpufreq"]),
         })
         .unwrap()
     }
@@ -344,5 +393,73 @@ mod tests {
         let mut img = image();
         img.cmd.clear();
         assert_eq!(args(&app(""), &img), Err(SpecError::NoCommand));
+    }
+
+    fn caps_of(extra: &str, cg: CgroupVersion) -> Vec<&'static str> {
+        capabilities(&app(extra), cg).into_iter().map(Capability::as_str).collect()
+    }
+
+    #[test]
+    fn capabilities_follow_docker_with_no_raw_sockets_on_the_host_network() {
+        let host = caps_of("", CgroupVersion::V1);
+        assert_eq!(host.len(), DEFAULT_CAPS.len() - 1);
+        assert!(!host.contains(&"CAP_NET_RAW"), "{host:?}");
+        assert!(host.contains(&"CAP_MKNOD") && host.contains(&"CAP_CHOWN"));
+        let none = caps_of("network = \"none\"\n", CgroupVersion::V1);
+        assert_eq!(none.len(), DEFAULT_CAPS.len(), "a private namespace keeps CAP_NET_RAW");
+        let raw = caps_of("cap_add = [\"NET_RAW\"]\n", CgroupVersion::V1);
+        assert!(raw.contains(&"CAP_NET_RAW"));
+        let v2 = caps_of("", CgroupVersion::V2);
+        assert!(!v2.contains(&"CAP_MKNOD"));
+        assert!(caps_of("cap_add = [\"MKNOD\"]\n", CgroupVersion::V2).contains(&"CAP_MKNOD"));
+        let tweaked =
+            caps_of("cap_add = [\"SYS_TIME\", \"KILL\"]\ncap_drop = [\"CHOWN\"]\n", CgroupVersion::V1);
+        assert!(tweaked.contains(&"CAP_SYS_TIME") && !tweaked.contains(&"CAP_CHOWN"));
+        assert_eq!(tweaked.len(), host.len(), "KILL was there already; no duplicates");
+        assert_eq!(caps_of("cap_drop = [\"ALL\"]\ncap_add = [\"KILL\"]\n", CgroupVersion::V1), ["CAP_KILL"]);
+        assert!(caps_of("cap_drop = [\"ALL\"]\n", CgroupVersion::V1).is_empty());
+        // In the spec, the same set everywhere; kernel order.
+        let s = build_for(&app("cap_add = [\"NET_ADMIN\"]\n"), CgroupVersion::V1, &[]);
+        let c = &s["process"]["capabilities"];
+        assert_eq!(c["bounding"], c["effective"]);
+        assert_eq!(c["bounding"], c["permitted"]);
+        assert_eq!(c["bounding"][0], "CAP_CHOWN");
+        assert!(field_of_each_str(&c["bounding"]).contains(&"CAP_NET_ADMIN"));
+    }
+
+    #[test]
+    fn user_root_and_privileges() {
+        let s = build_for(&app(""), CgroupVersion::V1, &[]);
+        assert_eq!(s["process"]["user"], json!({"uid": 0, "gid": 0}));
+        assert_eq!(s["root"]["readonly"], false);
+        assert_eq!(s["process"]["noNewPrivileges"], true);
+        let masked = field_of_each_str(&s["linux"]["maskedPaths"]);
+        assert!(masked.contains(&"/proc/interrupts"));
+        assert!(masked.ends_with(&[
+            "/sys/devices/system/cpu/cpu0/thermal_throttle",
+            "/sys/devices/system/cpu/cpu1/thermal_throttle"
+        ]));
+        assert_eq!(masked.len(), MASKED.len() + 2, "cpufreq is not a CPU");
+        let a = app("user = \"1000:100\"\nread_only_rootfs = true\nno_new_privileges = false\n");
+        let s = build_for(&a, CgroupVersion::V1, &[]);
+        assert_eq!(s["process"]["user"], json!({"uid": 1000, "gid": 100}));
+        assert_eq!(s["root"]["readonly"], true);
+        assert_eq!(s["process"]["noNewPrivileges"], false);
+        // The app's user wins over the image's; a uid alone has the group of that number.
+        let mut img = image();
+        img.user = Some("5:5".into());
+        let a = app("user = \"1000\"\n");
+        let s = build(&SpecInputs {
+            app: &a,
+            image: &img,
+            rootfs: "/r",
+            cgroup_path: "/skiff/web",
+            cgroups: CgroupVersion::V1,
+            devices: &[],
+            host_files: &[],
+            host_masked: &[],
+        })
+        .unwrap();
+        assert_eq!(s["process"]["user"], json!({"uid": 1000, "gid": 1000}));
     }
 }
