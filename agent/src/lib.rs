@@ -14,5 +14,6 @@ pub mod paths;
 pub mod probe;
 pub mod reconciler;
 pub mod runtime;
+pub mod seccomp;
 pub mod store;
 mod sys;
