@@ -58,6 +58,182 @@ pub struct AppSpec {
     pub startup: Option<Probe>,
     /// Time between SIGTERM and SIGKILL when the app is stopped.
     pub stop_grace: Duration,
+    /// Who the app runs as and what it may do (user, capabilities, ...).
+    /// `default` only matters to serde_json (shim.json written by an older
+    /// agent); postcard always carries the field.
+    #[serde(default)]
+    pub security: Security,
+}
+
+/// The per-app security settings. In the TOML file `user`, `read_only_rootfs`,
+/// `cap_add`, `cap_drop` and `no_new_privileges` sit directly in `[[app]]`
+/// (as Docker spells them) and `seccomp` in `[app.security]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Security {
+    /// Runs the process as this user; the image's `USER` when unset.
+    pub user: Option<User>,
+    /// Mounts the container's root filesystem read-only.
+    pub read_only_rootfs: bool,
+    /// Added to the default capability set. Unique, none also in `cap_drop`.
+    pub cap_add: Vec<Capability>,
+    /// Removed from the default capability set. Unique.
+    pub cap_drop: Vec<Capability>,
+    /// `cap_drop = ["ALL"]`: starts from no capability at all, then adds
+    /// `cap_add`. When set, `cap_drop` is empty.
+    pub cap_drop_all: bool,
+    /// Setuid and file capabilities grant nothing (on by default; turn it off
+    /// for apps that need setuid tools such as `su` or `ping` as a user).
+    pub no_new_privileges: bool,
+    /// The syscall filter.
+    pub seccomp: Seccomp,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Security {
+            user: None,
+            read_only_rootfs: false,
+            cap_add: Vec::new(),
+            cap_drop: Vec::new(),
+            cap_drop_all: false,
+            no_new_privileges: true,
+            seccomp: Seccomp::Default,
+        }
+    }
+}
+
+/// A numeric user: `user = "1000"` or `user = "1000:100"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub uid: u32,
+    /// The group; the uid's number when unset (as for an image's `USER`).
+    pub gid: Option<u32>,
+}
+
+impl User {
+    /// The group the process runs with.
+    pub fn effective_gid(self) -> u32 {
+        self.gid.unwrap_or(self.uid)
+    }
+}
+
+impl std::fmt::Display for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.gid {
+            Some(g) => write!(f, "{}:{g}", self.uid),
+            None => write!(f, "{}", self.uid),
+        }
+    }
+}
+
+/// The syscall filter of an app. Append only: postcard numbers the variants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Seccomp {
+    /// skiff's default profile (Docker's default, `default`).
+    #[default]
+    Default,
+    /// No filter at all (`unconfined`).
+    Unconfined,
+}
+
+impl Seccomp {
+    pub const ALL: [Seccomp; 2] = [Seccomp::Default, Seccomp::Unconfined];
+
+    /// The word the TOML file uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Seccomp::Default => "default",
+            Seccomp::Unconfined => "unconfined",
+        }
+    }
+}
+
+macro_rules! capabilities {
+    ($($variant:ident = $name:literal,)*) => {
+        /// A Linux capability, in the kernel's order (the variant index is the
+        /// capability number). Append only: postcard numbers the variants.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub enum Capability {
+            $($variant,)*
+        }
+
+        impl Capability {
+            pub const ALL: &'static [Capability] = &[$(Capability::$variant,)*];
+
+            /// The name as the OCI spec and `capabilities(7)` write it (`CAP_NET_RAW`).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Capability::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+capabilities! {
+    Chown = "CAP_CHOWN",
+    DacOverride = "CAP_DAC_OVERRIDE",
+    DacReadSearch = "CAP_DAC_READ_SEARCH",
+    Fowner = "CAP_FOWNER",
+    Fsetid = "CAP_FSETID",
+    Kill = "CAP_KILL",
+    Setgid = "CAP_SETGID",
+    Setuid = "CAP_SETUID",
+    Setpcap = "CAP_SETPCAP",
+    LinuxImmutable = "CAP_LINUX_IMMUTABLE",
+    NetBindService = "CAP_NET_BIND_SERVICE",
+    NetBroadcast = "CAP_NET_BROADCAST",
+    NetAdmin = "CAP_NET_ADMIN",
+    NetRaw = "CAP_NET_RAW",
+    IpcLock = "CAP_IPC_LOCK",
+    IpcOwner = "CAP_IPC_OWNER",
+    SysModule = "CAP_SYS_MODULE",
+    SysRawio = "CAP_SYS_RAWIO",
+    SysChroot = "CAP_SYS_CHROOT",
+    SysPtrace = "CAP_SYS_PTRACE",
+    SysPacct = "CAP_SYS_PACCT",
+    SysAdmin = "CAP_SYS_ADMIN",
+    SysBoot = "CAP_SYS_BOOT",
+    SysNice = "CAP_SYS_NICE",
+    SysResource = "CAP_SYS_RESOURCE",
+    SysTime = "CAP_SYS_TIME",
+    SysTtyConfig = "CAP_SYS_TTY_CONFIG",
+    Mknod = "CAP_MKNOD",
+    Lease = "CAP_LEASE",
+    AuditWrite = "CAP_AUDIT_WRITE",
+    AuditControl = "CAP_AUDIT_CONTROL",
+    Setfcap = "CAP_SETFCAP",
+    MacOverride = "CAP_MAC_OVERRIDE",
+    MacAdmin = "CAP_MAC_ADMIN",
+    Syslog = "CAP_SYSLOG",
+    WakeAlarm = "CAP_WAKE_ALARM",
+    BlockSuspend = "CAP_BLOCK_SUSPEND",
+    AuditRead = "CAP_AUDIT_READ",
+    Perfmon = "CAP_PERFMON",
+    Bpf = "CAP_BPF",
+    CheckpointRestore = "CAP_CHECKPOINT_RESTORE",
+}
+
+impl Capability {
+    /// The capability number the kernel uses (`CAP_NET_RAW` is 13).
+    pub fn number(self) -> u32 {
+        self as u32
+    }
+
+    /// Reads a name as Docker does: any case, with or without `CAP_`
+    /// (`NET_RAW`, `net_raw`, `CAP_NET_RAW`). `ALL` is not a capability.
+    pub fn parse(name: &str) -> Option<Capability> {
+        let upper = name.to_ascii_uppercase();
+        let full = if upper.starts_with("CAP_") { upper } else { format!("CAP_{upper}") };
+        Capability::ALL.iter().copied().find(|c| c.as_str() == full)
+    }
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// When an app's image is pulled from its registry. Append only: postcard

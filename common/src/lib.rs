@@ -16,8 +16,8 @@ pub mod v1;
 pub mod validate;
 
 pub use desired::{
-    AppSpec, DesiredState, Mount, NetworkMode, Origin, Probe, ProbeAction, PullPolicy, Resources,
-    RestartPolicy,
+    AppSpec, Capability, DesiredState, Mount, NetworkMode, Origin, Probe, ProbeAction, PullPolicy, Resources,
+    RestartPolicy, Seccomp, Security, User,
 };
 pub use name::{AppName, ImageRef, NameError};
 pub use status::{AppStatus, ExitInfo, Health, Phase, PullStatus};

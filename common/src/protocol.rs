@@ -642,6 +642,12 @@ mod tests {
             readiness: None,
             startup: None,
             stop_grace: Duration::from_secs(3),
+            security: crate::Security {
+                user: Some(crate::User { uid: 1000, gid: Some(100) }),
+                cap_add: vec![crate::Capability::NetAdmin],
+                seccomp: crate::Seccomp::Unconfined,
+                ..Default::default()
+            },
         };
         DesiredState { generation, origin: Origin::Controller, apps: vec![app] }
     }

@@ -70,6 +70,19 @@ struct RawApp {
     readiness: Option<Spanned<RawProbe>>,
     startup: Option<Spanned<RawProbe>>,
     stop_grace: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    read_only_rootfs: Option<bool>,
+    cap_add: Option<Spanned<Vec<Spanned<String>>>>,
+    cap_drop: Option<Spanned<Vec<Spanned<String>>>>,
+    no_new_privileges: Option<bool>,
+    security: Option<RawSecurity>,
+}
+
+/// `[app.security]`: the settings Docker has no flat spelling for.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecurity {
+    seccomp: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +304,7 @@ fn validate_app(cx: &mut Ctx, raw: &RawApp, label: &str) -> Option<AppSpec> {
     let startup = probe(&raw.startup, ProbeKind::Startup);
     let stop_grace =
         cx.duration(&raw.stop_grace, format!("{label}: stop_grace"), AppSpec::DEFAULT_STOP_GRACE);
+    let security = convert_security(cx, raw, &label);
     let spec = AppSpec {
         // Stand-ins when the name or image did not convert (already reported):
         // the checks below look at everything else.
@@ -309,6 +323,7 @@ fn validate_app(cx: &mut Ctx, raw: &RawApp, label: &str) -> Option<AppSpec> {
         readiness,
         startup,
         stop_grace,
+        security,
     };
     check_app(&spec, &mut |field, message| {
         let f = format!("{label}: {field}");
@@ -338,6 +353,9 @@ fn span_of(raw: &RawApp, field: &Field) -> Range<usize> {
         Field::Memory => res.and_then(|r| span(&r.memory)),
         Field::Pids => res.and_then(|r| r.pids.as_ref()).map(|p| p.span()),
         Field::StopGrace => span(&raw.stop_grace),
+        Field::User => span(&raw.user),
+        Field::CapAdd => raw.cap_add.as_ref().map(|c| c.span()),
+        Field::CapDrop => raw.cap_drop.as_ref().map(|c| c.span()),
         Field::Probe(kind, f) => {
             let p = match kind {
                 ProbeKind::Liveness => &raw.liveness,
@@ -370,6 +388,74 @@ fn span_of(raw: &RawApp, field: &Field) -> Range<usize> {
         }
     };
     found.unwrap_or(raw.name.span())
+}
+
+fn convert_security(cx: &mut Ctx, raw: &RawApp, label: &str) -> Security {
+    let default = Security::default();
+    let user = raw.user.as_ref().and_then(|u| {
+        let user = parse_user(u.get_ref());
+        if user.is_none() {
+            cx.err(
+                u.span(),
+                format!("{label}: user"),
+                format!("{:?} is not a numeric uid or uid:gid (user names are not looked up)", u.get_ref()),
+            );
+        }
+        user
+    });
+    let mut caps = |list: &Option<Spanned<Vec<Spanned<String>>>>, field: &str, all_allowed: bool| {
+        let mut out = Vec::new();
+        let mut all = false;
+        for name in list.iter().flat_map(|l| l.get_ref()) {
+            if name.get_ref().eq_ignore_ascii_case("ALL") {
+                if !all_allowed {
+                    cx.err(name.span(), format!("{label}: {field}"), "ALL is only allowed in cap_drop");
+                } else if all {
+                    cx.err(name.span(), format!("{label}: {field}"), "ALL is listed twice");
+                }
+                all = true;
+            } else if let Some(c) = Capability::parse(name.get_ref()) {
+                out.push(c);
+            } else {
+                cx.err(
+                    name.span(),
+                    format!("{label}: {field}"),
+                    format!(
+                        "{:?} is not a capability (NET_RAW or CAP_NET_RAW, see capabilities(7))",
+                        name.get_ref()
+                    ),
+                );
+            }
+        }
+        (out, all)
+    };
+    let (cap_add, _) = caps(&raw.cap_add, "cap_add", false);
+    let (cap_drop, cap_drop_all) = caps(&raw.cap_drop, "cap_drop", true);
+    let seccomp = choice(
+        cx,
+        &raw.security.as_ref().and_then(|s| s.seccomp.clone()),
+        format!("{label}: security.seccomp"),
+        &Seccomp::ALL.map(|s| (s.as_str(), s)),
+        Seccomp::default(),
+    );
+    Security {
+        user,
+        read_only_rootfs: raw.read_only_rootfs.unwrap_or(default.read_only_rootfs),
+        cap_add,
+        cap_drop,
+        cap_drop_all,
+        no_new_privileges: raw.no_new_privileges.unwrap_or(default.no_new_privileges),
+        seccomp,
+    }
+}
+
+/// `uid` or `uid:gid`, both decimal numbers.
+fn parse_user(s: &str) -> Option<User> {
+    let number = |n: &str| if n.bytes().all(|b| b.is_ascii_digit()) { n.parse::<u32>().ok() } else { None };
+    match s.split_once(':') {
+        Some((u, g)) => Some(User { uid: number(u)?, gid: Some(number(g)?) }),
+        None => Some(User { uid: number(s)?, gid: None }),
+    }
 }
 
 fn convert_resources(cx: &mut Ctx, r: &RawResources, label: &str) -> Resources {
@@ -570,6 +656,106 @@ exec = ["cat", "/tmp/ok"]
         let e = one_error(&format!("{base}pull = \"sometimes\"\n"));
         assert_eq!((e.line, e.column, e.field.as_str()), (4, 8, "app \"a\": pull"));
         assert_eq!(e.message, "\"sometimes\" is not one of if-not-present, always, never");
+    }
+
+    #[test]
+    fn security_settings_as_docker_spells_them() {
+        let base = "[[app]]\nname = \"a\"\nimage = \"b\"\n";
+        let s = parse(base).unwrap();
+        assert_eq!(s.apps[0].security, Security::default());
+        assert!(s.apps[0].security.no_new_privileges, "on unless turned off");
+        let s = parse(&format!(
+            "{base}user = \"1000:100\"\nread_only_rootfs = true\ncap_add = [\"net_admin\", \"CAP_SYS_TIME\"]\n\
+             cap_drop = [\"ALL\"]\nno_new_privileges = false\nsecurity.seccomp = \"unconfined\"\n"
+        ))
+        .unwrap();
+        let sec = &s.apps[0].security;
+        assert_eq!(sec.user, Some(User { uid: 1000, gid: Some(100) }));
+        assert!(sec.read_only_rootfs && sec.cap_drop_all && !sec.no_new_privileges);
+        assert_eq!(sec.cap_add, [Capability::NetAdmin, Capability::SysTime]);
+        assert!(sec.cap_drop.is_empty());
+        assert_eq!(sec.seccomp, Seccomp::Unconfined);
+        let s = parse(&format!("{base}user = \"65534\"\n[app.security]\nseccomp = \"default\"\n")).unwrap();
+        assert_eq!(s.apps[0].security.user, Some(User { uid: 65534, gid: None }));
+
+        for (extra, line, column, field, message) in [
+            (
+                "user = \"bob\"",
+                4,
+                8,
+                "user",
+                "\"bob\" is not a numeric uid or uid:gid (user names are not looked up)",
+            ),
+            (
+                "user = \"1:+2\"",
+                4,
+                8,
+                "user",
+                "\"1:+2\" is not a numeric uid or uid:gid (user names are not looked up)",
+            ),
+            ("user = \"4294967295\"", 4, 8, "user", "4294967295 is not a usable uid or gid"),
+            (
+                "cap_add = [\"NET_RAW\", \"FLY\"]",
+                4,
+                23,
+                "cap_add",
+                "\"FLY\" is not a capability (NET_RAW or CAP_NET_RAW, see capabilities(7))",
+            ),
+            ("cap_add = [\"ALL\"]", 4, 12, "cap_add", "ALL is only allowed in cap_drop"),
+            ("cap_add = [\"NET_RAW\", \"cap_net_raw\"]", 4, 11, "cap_add", "CAP_NET_RAW is listed twice"),
+            (
+                "cap_add = [\"CHOWN\"]\ncap_drop = [\"chown\"]",
+                4,
+                11,
+                "cap_add",
+                "CAP_CHOWN is also in cap_drop",
+            ),
+            (
+                "cap_drop = [\"ALL\", \"NET_RAW\"]",
+                4,
+                12,
+                "cap_drop",
+                "ALL already drops every capability; list nothing else",
+            ),
+            (
+                "security.seccomp = \"off\"",
+                4,
+                20,
+                "security.seccomp",
+                "\"off\" is not one of default, unconfined",
+            ),
+        ] {
+            let e = one_error(&format!("{base}{extra}\n"));
+            assert_eq!(
+                (e.line, e.column, e.field.as_str(), e.message.as_str()),
+                (line, column, format!("app \"a\": {field}").as_str(), message),
+                "{extra}"
+            );
+        }
+        let e = one_error(&format!("{base}[app.security]\nuser = \"1\"\n"));
+        assert!(e.message.contains("unknown field `user`"), "{e}");
+    }
+
+    #[test]
+    fn capability_numbers_are_the_kernels() {
+        assert_eq!(Capability::ALL.len(), 41);
+        for (i, c) in Capability::ALL.iter().enumerate() {
+            assert_eq!(c.number() as usize, i);
+            assert_eq!(Capability::parse(c.as_str()), Some(*c));
+        }
+        for (c, n) in [
+            (Capability::NetRaw, 13),
+            (Capability::SysAdmin, 21),
+            (Capability::Mknod, 27),
+            (Capability::AuditWrite, 29),
+            (Capability::Setfcap, 31),
+            (Capability::Bpf, 39),
+            (Capability::CheckpointRestore, 40),
+        ] {
+            assert_eq!(c.number(), n, "{c}");
+        }
+        assert_eq!(Capability::parse("all"), None);
+        assert_eq!(Capability::parse("CAP_"), None);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Schema 1 of the state file and of the MQTT payloads (the release before
-//! `AppSpec.pull`, `Reported.pulls` and `DesiredBody.replaces`), frozen.
+//! `AppSpec.pull`, `AppSpec.security`, `Reported.pulls` and `DesiredBody.replaces`), frozen.
 //!
 //! postcard is not self-describing: bytes written with these structs can only
 //! be read with these structs, field for field. So they are never edited; each
@@ -80,6 +80,10 @@ impl From<AppSpec> for desired::AppSpec {
             readiness: a.readiness,
             startup: a.startup,
             stop_grace: a.stop_grace,
+            // Schema 1 had no settings: the defaults are what it ran with
+            // (no new privileges, the default capabilities), plus the
+            // default syscall filter.
+            security: desired::Security::default(),
         }
     }
 }

@@ -14,7 +14,7 @@
 //! kernel reads as a signed number). Durations are whole milliseconds, the
 //! finest the file can say.
 
-use crate::desired::{AppSpec, DesiredState, NetworkMode, Probe, ProbeAction};
+use crate::desired::{AppSpec, DesiredState, NetworkMode, Probe, ProbeAction, Security};
 use crate::name::AppName;
 use std::collections::BTreeSet;
 use std::fmt;
@@ -91,6 +91,9 @@ pub enum Field {
     Pids,
     Probe(ProbeKind, ProbeField),
     StopGrace,
+    User,
+    CapAdd,
+    CapDrop,
 }
 
 impl fmt::Display for Field {
@@ -106,6 +109,9 @@ impl fmt::Display for Field {
             Field::Memory => f.write_str("resources.memory"),
             Field::Pids => f.write_str("resources.pids"),
             Field::StopGrace => f.write_str("stop_grace"),
+            Field::User => f.write_str("user"),
+            Field::CapAdd => f.write_str("cap_add"),
+            Field::CapDrop => f.write_str("cap_drop"),
             Field::Probe(kind, field) => {
                 f.write_str(kind.as_str())?;
                 f.write_str(match field {
@@ -273,6 +279,31 @@ pub fn check_app(app: &AppSpec, report: &mut dyn FnMut(Field, String)) {
     } else if !whole_ms(app.stop_grace) {
         report(Field::StopGrace, "must be a whole number of milliseconds".into());
     }
+    check_security(&app.security, report);
+}
+
+/// `(uid_t)-1` means "no change" to setresuid(2): never a user to run as.
+pub const NO_ID: u32 = u32::MAX;
+
+fn check_security(s: &Security, report: &mut dyn FnMut(Field, String)) {
+    if let Some(u) = s.user {
+        if u.uid == NO_ID || u.gid == Some(NO_ID) {
+            report(Field::User, format!("{NO_ID} is not a usable uid or gid"));
+        }
+    }
+    for (field, list) in [(Field::CapAdd, &s.cap_add), (Field::CapDrop, &s.cap_drop)] {
+        for (i, cap) in list.iter().enumerate() {
+            if list[..i].contains(cap) {
+                report(field.clone(), format!("{cap} is listed twice"));
+            }
+        }
+    }
+    if let Some(cap) = s.cap_add.iter().find(|c| s.cap_drop.contains(c)) {
+        report(Field::CapAdd, format!("{cap} is also in cap_drop"));
+    }
+    if s.cap_drop_all && !s.cap_drop.is_empty() {
+        report(Field::CapDrop, "ALL already drops every capability; list nothing else".into());
+    }
 }
 
 fn check_probe(p: &Probe, network: NetworkMode, report: &mut dyn FnMut(ProbeField, String)) {
@@ -336,7 +367,7 @@ fn check_probe(p: &Probe, network: NetworkMode, report: &mut dyn FnMut(ProbeFiel
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{toml_file, Origin};
+    use crate::{toml_file, Capability, Origin};
 
     fn state() -> DesiredState {
         let mut s = toml_file::parse(
@@ -429,6 +460,24 @@ mod tests {
             ),
             (|a| a.liveness.as_mut().unwrap().action = ProbeAction::Exec(vec![]), "liveness.exec"),
             (|a| a.liveness.as_mut().unwrap().failure_threshold = 0, "liveness.failure_threshold"),
+            (|a| a.security.user = Some(crate::User { uid: NO_ID, gid: None }), "user"),
+            (|a| a.security.user = Some(crate::User { uid: 1, gid: Some(NO_ID) }), "user"),
+            (|a| a.security.cap_add = vec![Capability::NetRaw, Capability::NetRaw], "cap_add"),
+            (|a| a.security.cap_drop = vec![Capability::Chown, Capability::Chown], "cap_drop"),
+            (
+                |a| {
+                    a.security.cap_add = vec![Capability::NetRaw];
+                    a.security.cap_drop = vec![Capability::NetRaw];
+                },
+                "cap_add",
+            ),
+            (
+                |a| {
+                    a.security.cap_drop_all = true;
+                    a.security.cap_drop = vec![Capability::NetRaw];
+                },
+                "cap_drop",
+            ),
         ];
         for (break_it, field) in cases {
             let mut s = state();

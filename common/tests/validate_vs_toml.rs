@@ -8,8 +8,8 @@
 use skiff_common::quantity::format_duration;
 use skiff_common::validate::{ValidationError, MAX_APPS};
 use skiff_common::{
-    toml_file, AppName, AppSpec, DesiredState, ImageRef, Mount, NetworkMode, Origin, Probe, ProbeAction,
-    PullPolicy, Resources, RestartPolicy,
+    toml_file, AppName, AppSpec, Capability, DesiredState, ImageRef, Mount, NetworkMode, Origin, Probe,
+    ProbeAction, PullPolicy, Resources, RestartPolicy, Seccomp, Security, User,
 };
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -163,6 +163,37 @@ fn app(rng: &mut Rng, name: &str) -> AppSpec {
         readiness,
         startup,
         stop_grace: rng.edge(&[ms(10_000), ms(0), ms(600_000), ms(600_001), ms(1)]),
+        security: security(rng),
+    }
+}
+
+fn security(rng: &mut Rng) -> Security {
+    let caps = [Capability::NetRaw, Capability::Chown, Capability::CheckpointRestore, Capability::NetAdmin];
+    let list = |rng: &mut Rng| -> Vec<Capability> {
+        let n = if rng.chance(70) { 0 } else { 1 + rng.below(2) };
+        // Mostly distinct, sometimes a repeat.
+        (0..n)
+            .map(|i| if rng.chance(95) { caps[(i + rng.below(2) * 2) % caps.len()] } else { caps[0] })
+            .collect()
+    };
+    let cap_add = list(rng);
+    let cap_drop = list(rng);
+    Security {
+        user: rng.edge(&[
+            None,
+            Some(User { uid: 1000, gid: Some(1000) }),
+            Some(User { uid: 0, gid: None }),
+            Some(User { uid: 65534, gid: Some(0) }),
+            Some(User { uid: u32::MAX - 1, gid: Some(u32::MAX - 1) }),
+            Some(User { uid: u32::MAX, gid: None }),
+            Some(User { uid: 1, gid: Some(u32::MAX) }),
+        ]),
+        read_only_rootfs: rng.chance(30),
+        cap_add,
+        cap_drop,
+        cap_drop_all: rng.chance(10),
+        no_new_privileges: rng.chance(80),
+        seccomp: rng.pick(&Seccomp::ALL),
     }
 }
 
@@ -235,6 +266,31 @@ fn render(state: &DesiredState) -> String {
         writeln!(out, "mounts = [{}]", mounts.join(", ")).unwrap();
         writeln!(out, "devices = {}", list(&a.devices)).unwrap();
         writeln!(out, "stop_grace = {}", q(&format_duration(a.stop_grace))).unwrap();
+        let sec = &a.security;
+        if let Some(u) = sec.user {
+            writeln!(out, "user = {}", q(&u.to_string())).unwrap();
+        }
+        // Both spellings of a capability name.
+        let name = |c: &Capability, i: usize| {
+            if i.is_multiple_of(2) {
+                c.as_str().to_string()
+            } else {
+                c.as_str().trim_start_matches("CAP_").to_lowercase()
+            }
+        };
+        let add: Vec<String> = sec.cap_add.iter().enumerate().map(|(i, c)| name(c, i)).collect();
+        let mut drop: Vec<String> = sec.cap_drop.iter().enumerate().map(|(i, c)| name(c, i + 1)).collect();
+        if sec.cap_drop_all {
+            drop.insert(0, "ALL".into());
+        }
+        writeln!(out, "cap_add = {}\ncap_drop = {}", list(&add), list(&drop)).unwrap();
+        writeln!(out, "read_only_rootfs = {}", sec.read_only_rootfs).unwrap();
+        if !sec.no_new_privileges {
+            writeln!(out, "no_new_privileges = false").unwrap();
+        }
+        if sec.seccomp != Seccomp::Default {
+            writeln!(out, "security.seccomp = {}", q(sec.seccomp.as_str())).unwrap();
+        }
         let r = &a.resources;
         if *r != Resources::default() {
             out.push_str("[app.resources]\n");
@@ -331,6 +387,7 @@ fn the_app_cap_is_the_same_in_both() {
                 readiness: None,
                 startup: None,
                 stop_grace: AppSpec::DEFAULT_STOP_GRACE,
+                security: Security::default(),
             };
         }
         let s = DesiredState { generation: 0, origin: Origin::Local, apps };

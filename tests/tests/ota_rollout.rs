@@ -113,13 +113,16 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
         a["phase"] == "running" && a["image"] == format!("{host}/app@{v3}").as_str()
     });
     let blob = |d: &str| sb.state_dir().join("images/blobs/sha256").join(&d[7..]);
-    wait_for(Duration::from_secs(20), "v1's own layer collected", || (!blob(&v1_layer).exists()).then_some(()));
+    wait_for(Duration::from_secs(20), "v1's own layer collected", || {
+        (!blob(&v1_layer).exists()).then_some(())
+    });
     for (what, d) in [("v2 (previous generation)", &v2_layer), ("v3 (current)", &v3_layer)] {
         assert!(blob(d).is_file(), "the layer of {what} was kept");
     }
     let ls = sb.skiff(&["image", "ls", "--json"]);
     let ls: Value = serde_json::from_slice(&ls.stdout).unwrap();
-    let mut refs: Vec<&str> = ls.as_array().unwrap().iter().map(|i| i["reference"].as_str().unwrap()).collect();
+    let mut refs: Vec<&str> =
+        ls.as_array().unwrap().iter().map(|i| i["reference"].as_str().unwrap()).collect();
     refs.sort();
     assert_eq!(refs, [format!("{host}/app@{v2}"), format!("{host}/app@{v3}")]);
     let check = sb.skiff(&["image", "check", "--json"]);
@@ -149,7 +152,9 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
 
 fn credentials_file(dir: &Path, name: &str, host: &str, pass: &str) -> String {
     let f = dir.join(name);
-    let text = format!("[[registry]]\nhost = \"{host}\"\ninsecure = true\nusername = \"fleet\"\npassword = \"{pass}\"\n");
+    let text = format!(
+        "[[registry]]\nhost = \"{host}\"\ninsecure = true\nusername = \"fleet\"\npassword = \"{pass}\"\n"
+    );
     std::fs::write(&f, text).unwrap();
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
     f.display().to_string()

@@ -39,6 +39,7 @@ fn spec(app: &str) -> AppSpec {
         readiness: None,
         startup: None,
         stop_grace: secs(10),
+        security: Default::default(),
     }
 }
 
