@@ -35,6 +35,10 @@ pub struct ShimConfig {
     pub image_config: ImageConfig,
     pub log_dir: PathBuf,
     pub log_cap: u64,
+    /// The app's seccomp filter, compiled by the agent (once per capability
+    /// set); `None` when the app runs unconfined.
+    #[serde(default)]
+    pub seccomp: Option<crate::seccomp::Filter>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

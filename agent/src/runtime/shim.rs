@@ -19,10 +19,13 @@
 //! rate-limited and capped.
 
 use super::cgroups::Cgroups;
+use super::executor::SandboxExecutor;
 use super::instance::{self, Exit, ShimConfig, Started};
 use super::logs::RotatingLog;
 use super::spec::{self, HostDevice, SpecInputs};
 use crate::image;
+use crate::seccomp::profile::Cap;
+use crate::seccomp::{Arch, CapSet, Filter, Insn};
 use anyhow::{anyhow, bail, Context};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
@@ -237,6 +240,7 @@ fn create_and_start(
         devices: &devices,
         host_files: &host_files,
     })?;
+    let seccomp = seccomp_program(cfg, &spec)?;
     let bundle = dir.join("bundle");
     crate::fsutil::private_dir(&bundle)?;
     // The spec holds the app's environment: 0600.
@@ -265,6 +269,7 @@ fn create_and_start(
             b.with_stdin(OwnedFd::from(devnull))
                 .with_stdout(out_w)
                 .with_stderr(err_w)
+                .with_executor(SandboxExecutor::new(seccomp))
                 .as_init(&bundle)
                 .with_systemd(false)
                 .with_detach(true)
@@ -301,6 +306,38 @@ fn create_and_start(
     };
     instance::write_reserved(dir, instance::STARTED, &started)?;
     Ok(pid)
+}
+
+/// The seccomp filter the container's init loads before exec: the agent's,
+/// unless the spec's capabilities are not those it was compiled for (then
+/// compiled here, so an app never runs under another app's profile).
+fn seccomp_program(cfg: &ShimConfig, spec: &serde_json::Value) -> anyhow::Result<Option<Vec<Insn>>> {
+    if !spec::seccomp_confined(&cfg.spec) {
+        return Ok(None);
+    }
+    if Arch::host().is_empty() {
+        bail!("skiff has no seccomp profile for this architecture: set security.seccomp = \"unconfined\"");
+    }
+    let caps = CapSet::from_names(&spec::bounding_caps(spec));
+    // The filter is loaded after libcontainer has dropped the capabilities;
+    // from then on the kernel takes it only from a process with
+    // no_new_privileges (libcontainer 0.7 has no earlier hook for it).
+    if spec["process"]["noNewPrivileges"] != true && !caps.has(Cap::SysAdmin) {
+        bail!(
+            "the default seccomp profile needs no_new_privileges (or CAP_SYS_ADMIN): \
+             set security.seccomp = \"unconfined\" to turn no_new_privileges off"
+        );
+    }
+    let program = match &cfg.seccomp {
+        Some(f) if f.caps == caps => f.insns(),
+        given => {
+            if given.is_some() {
+                note("the agent's seccomp filter was compiled for other capabilities: compiling it here");
+            }
+            Filter::compile(Arch::host(), caps).insns()
+        }
+    };
+    Ok(Some(program.context("the seccomp filter")?))
 }
 
 fn copy_to_log(fd: OwnedFd, log: &mut RotatingLog) {

@@ -12,7 +12,7 @@
 
 use crate::image::ImageConfig;
 use serde_json::{json, Value};
-use skiff_common::{AppSpec, NetworkMode};
+use skiff_common::{AppSpec, NetworkMode, Seccomp};
 
 /// cgroup layout of the host, as far as the spec cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +143,34 @@ pub fn env(app: &AppSpec, image: &ImageConfig) -> Vec<String> {
     out
 }
 
+/// The app's capabilities (bounding, effective and permitted alike). The
+/// agent compiles the app's seccomp filter from them before the shim builds
+/// the spec, so both must come from here.
+pub fn capabilities(_app: &AppSpec, cgroups: CgroupVersion) -> Vec<&'static str> {
+    // This build has no eBPF device controller, so on cgroup v2 the device
+    // rules of the spec are not enforced by the kernel. Without CAP_MKNOD an app can
+    // only reach the device nodes skiff puts in its fresh /dev (and device
+    // files cannot come in through `mounts`: the shim refuses them).
+    match cgroups {
+        CgroupVersion::V1 => CAPS.to_vec(),
+        CgroupVersion::V2 => CAPS.iter().copied().filter(|c| *c != "CAP_MKNOD").collect(),
+    }
+}
+
+/// Whether the app runs under the default seccomp profile.
+pub fn seccomp_confined(app: &AppSpec) -> bool {
+    app.security.seccomp == Seccomp::Default
+}
+
+/// The capabilities a built spec gives its process (its bounding set, which
+/// Docker's profile is resolved against too).
+pub fn bounding_caps(spec: &Value) -> Vec<&str> {
+    spec["process"]["capabilities"]["bounding"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c.as_str()).collect())
+        .unwrap_or_default()
+}
+
 pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
     let app = i.app;
     let (uid, gid) = parse_user(i.image.user.as_deref())?;
@@ -204,14 +232,7 @@ pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
         resources["pids"] = json!({"limit": p});
     }
 
-    // This build has no eBPF device controller, so on cgroup v2 the device
-    // rules above are not enforced by the kernel. Without CAP_MKNOD an app can
-    // only reach the device nodes skiff puts in its fresh /dev (and device
-    // files cannot come in through `mounts`: the shim refuses them).
-    let caps: Vec<&str> = match i.cgroups {
-        CgroupVersion::V1 => CAPS.to_vec(),
-        CgroupVersion::V2 => CAPS.iter().copied().filter(|c| *c != "CAP_MKNOD").collect(),
-    };
+    let caps = capabilities(app, i.cgroups);
     Ok(json!({
         "ociVersion": "1.0.2",
         "process": {
