@@ -146,3 +146,40 @@ fn unconfined_apps_run_without_a_filter() {
         assert_ne!(value(&logs, key), "EPERM", "{key}\n{logs}");
     }
 }
+
+#[test]
+fn exec_probes_run_under_the_apps_filter() {
+    let mut sb = Sandbox::new();
+    sb.start_agent();
+    // Each readiness probe passes only if the probe command itself sees the
+    // filter mode its app runs under.
+    sb.apply(
+        r#"
+[[app]]
+name = "confined"
+image = "busybox:1"
+command = ["sleep", "600"]
+[app.readiness]
+exec = ["sh", "-c", "grep -q '^Seccomp:.2$' /proc/self/status && ! unshare -U true 2>/dev/null"]
+period = "300ms"
+failure_threshold = 1
+
+[[app]]
+name = "free"
+image = "busybox:1"
+command = ["sleep", "600"]
+[app.security]
+seccomp = "unconfined"
+[app.readiness]
+exec = ["sh", "-c", "grep -q '^Seccomp:.0$' /proc/self/status && unshare -U true"]
+period = "300ms"
+failure_threshold = 1
+"#,
+    );
+    for app in ["confined", "free"] {
+        let a = sb.wait_app(app, Duration::from_secs(30), "ready or not", |a| {
+            a["ready"] == "passing" || a["ready"] == "failing"
+        });
+        assert_eq!(a["ready"], "passing", "{app}: {a}");
+    }
+}

@@ -25,7 +25,7 @@ use super::logs::RotatingLog;
 use super::spec::{self, HostDevice, SpecInputs};
 use crate::image;
 use crate::seccomp::profile::Cap;
-use crate::seccomp::{Arch, CapSet, Filter, Insn};
+use crate::seccomp::{Arch, CapSet, Filter};
 use anyhow::{anyhow, bail, Context};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
@@ -240,7 +240,10 @@ fn create_and_start(
         devices: &devices,
         host_files: &host_files,
     })?;
-    let seccomp = seccomp_program(cfg, &spec)?;
+    let seccomp = seccomp_filter(cfg, &spec)?;
+    // Exec probes load the same filter (or none): `skiff probe-exec --seccomp`.
+    instance::write(dir, instance::SECCOMP, &seccomp)?;
+    let seccomp = seccomp.map(|f| f.insns()).transpose().context("the seccomp filter")?;
     let bundle = dir.join("bundle");
     crate::fsutil::private_dir(&bundle)?;
     // The spec holds the app's environment: 0600.
@@ -311,7 +314,7 @@ fn create_and_start(
 /// The seccomp filter the container's init loads before exec: the agent's,
 /// unless the spec's capabilities are not those it was compiled for (then
 /// compiled here, so an app never runs under another app's profile).
-fn seccomp_program(cfg: &ShimConfig, spec: &serde_json::Value) -> anyhow::Result<Option<Vec<Insn>>> {
+fn seccomp_filter(cfg: &ShimConfig, spec: &serde_json::Value) -> anyhow::Result<Option<Filter>> {
     if !spec::seccomp_confined(&cfg.spec) {
         return Ok(None);
     }
@@ -328,16 +331,15 @@ fn seccomp_program(cfg: &ShimConfig, spec: &serde_json::Value) -> anyhow::Result
              set security.seccomp = \"unconfined\" to turn no_new_privileges off"
         );
     }
-    let program = match &cfg.seccomp {
-        Some(f) if f.caps == caps => f.insns(),
+    Ok(Some(match &cfg.seccomp {
+        Some(f) if f.caps == caps => f.clone(),
         given => {
             if given.is_some() {
                 note("the agent's seccomp filter was compiled for other capabilities: compiling it here");
             }
-            Filter::compile(Arch::host(), caps).insns()
+            Filter::compile(Arch::host(), caps)
         }
-    };
-    Ok(Some(program.context("the seccomp filter")?))
+    }))
 }
 
 fn copy_to_log(fd: OwnedFd, log: &mut RotatingLog) {
