@@ -442,4 +442,55 @@ mod tests {
         assert!(total as u64 <= NOTE_CAP + 100, "{total}");
         assert!(n.admit("after cap", NOTE_WINDOW * 5000).is_none());
     }
+
+    fn shim_config(extra: &str, seccomp: Option<Filter>) -> ShimConfig {
+        let text = format!("[[app]]\nname = \"web\"\nimage = \"busybox:1\"\n{extra}");
+        ShimConfig {
+            spec: skiff_common::toml_file::parse(&text).unwrap().apps.remove(0),
+            instance: 1,
+            container_id: "web-1".into(),
+            container_root: "/run/skiff/containers".into(),
+            cgroup_path: "/skiff/web".into(),
+            image_digest: String::new(),
+            image_rootfs: "/rootfs".into(),
+            image_config: image::ImageConfig {
+                env: vec![],
+                entrypoint: vec![],
+                cmd: vec!["sh".into()],
+                workdir: None,
+                user: None,
+            },
+            log_dir: "/logs".into(),
+            log_cap: 1 << 20,
+            seccomp,
+        }
+    }
+
+    fn spec_with(caps: &[&str], nnp: bool) -> serde_json::Value {
+        serde_json::json!({"process": {"noNewPrivileges": nnp, "capabilities": {"bounding": caps}}})
+    }
+
+    #[test]
+    fn the_seccomp_filter_follows_the_specs_capabilities() {
+        let chroot = CapSet::from_names(&["CAP_SYS_CHROOT"]);
+        let agents = Filter::compile(Arch::host(), chroot);
+        // The agent's filter, when compiled for the capabilities the spec gives.
+        let cfg = shim_config("", Some(agents.clone()));
+        let got = seccomp_filter(&cfg, &spec_with(&["CAP_CHOWN", "CAP_SYS_CHROOT"], true)).unwrap();
+        assert_eq!(got, Some(agents.clone()));
+        // Compiled here when they differ, and when the agent sent none.
+        let got = seccomp_filter(&cfg, &spec_with(&["CAP_CHOWN"], true)).unwrap().unwrap();
+        assert_eq!(got.caps, CapSet::default());
+        let got = seccomp_filter(&shim_config("", None), &spec_with(&["CAP_SYS_CHROOT"], true)).unwrap();
+        assert_eq!(got, Some(agents.clone()));
+        // Unconfined: none, whatever the agent sent.
+        let free = shim_config("[app.security]\nseccomp = \"unconfined\"\n", Some(agents));
+        assert_eq!(seccomp_filter(&free, &spec_with(&[], false)).unwrap(), None);
+        // Without no_new_privileges the kernel would refuse the filter after the
+        // capability drop: the start fails, naming the way out.
+        let err = seccomp_filter(&cfg, &spec_with(&["CAP_SYS_CHROOT"], false)).unwrap_err();
+        assert!(format!("{err}").contains("unconfined"), "{err}");
+        let admin = seccomp_filter(&cfg, &spec_with(&["CAP_SYS_ADMIN"], false)).unwrap().unwrap();
+        assert!(admin.caps.has(Cap::SysAdmin));
+    }
 }
