@@ -115,6 +115,9 @@ enum Cmd {
         root: PathBuf,
         #[arg(long)]
         id: String,
+        /// The app's `seccomp.json` (see runtime/instance.rs).
+        #[arg(long)]
+        seccomp: Option<PathBuf>,
         #[arg(long)]
         timeout_ms: u64,
         #[arg(last = true, required = true)]
@@ -271,8 +274,14 @@ pub fn main() -> i32 {
     // These two run before any thread exists: they fork containers.
     match cli.cmd {
         Cmd::Shim { dir } => return crate::runtime::shim::main(&dir),
-        Cmd::ProbeExec { root, id, timeout_ms, args } => {
-            return crate::runtime::exec::main(&root, &id, Duration::from_millis(timeout_ms), args)
+        Cmd::ProbeExec { root, id, seccomp, timeout_ms, args } => {
+            return crate::runtime::exec::main(
+                &root,
+                &id,
+                seccomp.as_deref(),
+                Duration::from_millis(timeout_ms),
+                args,
+            )
         }
         _ => {}
     }

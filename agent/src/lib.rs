@@ -15,5 +15,6 @@ pub mod probe;
 pub mod reconciler;
 pub mod runtime;
 pub mod sdnotify;
+pub mod seccomp;
 pub mod store;
 mod sys;

@@ -20,7 +20,14 @@ const HELPER_MARGIN: Duration = Duration::from_secs(5);
 const OUTPUT_KEPT: usize = 1024;
 
 /// Runs the probe within its timeout: `(passed, detail)`.
-pub async fn run(probe: &Probe, exe: &Path, container_root: &Path, container_id: &str) -> (bool, String) {
+/// `seccomp`: the app's `seccomp.json`, which exec probes load too.
+pub async fn run(
+    probe: &Probe,
+    exe: &Path,
+    container_root: &Path,
+    container_id: &str,
+    seccomp: &Path,
+) -> (bool, String) {
     let attempt = async {
         match &probe.action {
             ProbeAction::Tcp { port } => match TcpStream::connect(("127.0.0.1", *port)).await {
@@ -28,7 +35,9 @@ pub async fn run(probe: &Probe, exe: &Path, container_root: &Path, container_id:
                 Err(e) => (false, format!("tcp {port}: {e}")),
             },
             ProbeAction::Http { port, path } => http(*port, path).await,
-            ProbeAction::Exec(args) => exec(args, probe.timeout, exe, container_root, container_id).await,
+            ProbeAction::Exec(args) => {
+                exec(args, probe.timeout, exe, container_root, container_id, seccomp).await
+            }
         }
     };
     if matches!(probe.action, ProbeAction::Exec(_)) {
@@ -77,7 +86,14 @@ async fn http(port: u16, path: &str) -> (bool, String) {
     }
 }
 
-async fn exec(args: &[String], timeout: Duration, exe: &Path, root: &Path, id: &str) -> (bool, String) {
+async fn exec(
+    args: &[String],
+    timeout: Duration,
+    exe: &Path,
+    root: &Path,
+    id: &str,
+    seccomp: &Path,
+) -> (bool, String) {
     let name = args.first().map(String::as_str).unwrap_or("");
     let child = Command::new(exe)
         .arg("probe-exec")
@@ -85,6 +101,8 @@ async fn exec(args: &[String], timeout: Duration, exe: &Path, root: &Path, id: &
         .arg(root)
         .arg("--id")
         .arg(id)
+        .arg("--seccomp")
+        .arg(seccomp)
         .arg("--timeout-ms")
         .arg(timeout.as_millis().to_string())
         .arg("--")

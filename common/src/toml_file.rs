@@ -356,6 +356,8 @@ fn span_of(raw: &RawApp, field: &Field) -> Range<usize> {
         Field::User => span(&raw.user),
         Field::CapAdd => raw.cap_add.as_ref().map(|c| c.span()),
         Field::CapDrop => raw.cap_drop.as_ref().map(|c| c.span()),
+        // A plain bool carries no span: the error points at the app.
+        Field::NoNewPrivileges => None,
         Field::Probe(kind, f) => {
             let p = match kind {
                 ProbeKind::Liveness => &raw.liveness,

@@ -14,7 +14,7 @@
 //! kernel reads as a signed number). Durations are whole milliseconds, the
 //! finest the file can say.
 
-use crate::desired::{AppSpec, DesiredState, NetworkMode, Probe, ProbeAction, Security};
+use crate::desired::{AppSpec, Capability, DesiredState, NetworkMode, Probe, ProbeAction, Seccomp, Security};
 use crate::name::AppName;
 use std::collections::BTreeSet;
 use std::fmt;
@@ -94,6 +94,7 @@ pub enum Field {
     User,
     CapAdd,
     CapDrop,
+    NoNewPrivileges,
 }
 
 impl fmt::Display for Field {
@@ -112,6 +113,7 @@ impl fmt::Display for Field {
             Field::User => f.write_str("user"),
             Field::CapAdd => f.write_str("cap_add"),
             Field::CapDrop => f.write_str("cap_drop"),
+            Field::NoNewPrivileges => f.write_str("no_new_privileges"),
             Field::Probe(kind, field) => {
                 f.write_str(kind.as_str())?;
                 f.write_str(match field {
@@ -304,6 +306,14 @@ fn check_security(s: &Security, report: &mut dyn FnMut(Field, String)) {
     if s.cap_drop_all && !s.cap_drop.is_empty() {
         report(Field::CapDrop, "ALL already drops every capability; list nothing else".into());
     }
+    // The kernel loads a seccomp filter only under no-new-privileges or with
+    // CAP_SYS_ADMIN, and the filter goes in after the capabilities are set.
+    if !s.no_new_privileges && s.seccomp == Seccomp::Default && !s.cap_add.contains(&Capability::SysAdmin) {
+        report(
+            Field::NoNewPrivileges,
+            "false needs security.seccomp = \"unconfined\" (the default seccomp filter can only be loaded with no-new-privileges)".into(),
+        );
+    }
 }
 
 fn check_probe(p: &Probe, network: NetworkMode, report: &mut dyn FnMut(ProbeField, String)) {
@@ -478,7 +488,19 @@ mod tests {
                 },
                 "cap_drop",
             ),
+            (|a| a.security.no_new_privileges = false, "no_new_privileges"),
         ];
+        // Without no-new-privileges the filter needs CAP_SYS_ADMIN, or no filter.
+        for fix in
+            [(|a: &mut AppSpec| a.security.seccomp = crate::Seccomp::Unconfined) as fn(&mut AppSpec), |a| {
+                a.security.cap_add = vec![Capability::SysAdmin]
+            }]
+        {
+            let mut s = state();
+            s.apps[1].security.no_new_privileges = false;
+            fix(&mut s.apps[1]);
+            s.validate().unwrap();
+        }
         for (break_it, field) in cases {
             let mut s = state();
             break_it(&mut s.apps[1]);

@@ -101,6 +101,7 @@ image = "busybox:1"
 user = "1000:1000"
 network = "none"
 no_new_privileges = false
+security.seccomp = "unconfined"
 {suid_mount}{ping_as_user}
 [[app]]
 name = "user-probed"

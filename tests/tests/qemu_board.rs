@@ -20,6 +20,8 @@
 //!   `user`, a read-only root, `cap_add`/`cap_drop` in CapBnd, no raw or packet socket on
 //!   the host network unless CAP_NET_RAW is added, loopback up with `network = "none"`,
 //!   /proc/interrupts masked (`board_confinement`).
+//! - the default seccomp profile confines aarch64 and armhf (compat) programs alike, and
+//!   armhf programs keep working under it (`board_seccomp_for_aarch64_and_armhf_programs`).
 //!
 //! They run as root and need apt (the scripts install QEMU and fetch the kernel). Boots are
 //! serialized, one board at a time.
@@ -754,4 +756,117 @@ agent_log
     assert!(out.value("user| uid=1000 gid=1000").is_some(), "user = 1000:1000\n{t}");
     assert_eq!(caps("user", "CapEff:"), 0, "{t}");
     println!("board confinement: run took {:?}", out.elapsed);
+}
+
+/// `tests/probe/sysprobe.c` built static for the board's two user spaces: aarch64 (musl)
+/// and armhf (32-bit, glibc), as base64 for the guest script.
+fn board_probes() -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = board::repo().join("tests/probe/sysprobe.c");
+    let build = |cc: &str, out: &str| {
+        let path = dir.path().join(out);
+        let o = std::process::Command::new(cc)
+            .args(["-static", "-Os", "-s", "-pthread", "-o"])
+            .arg(&path)
+            .arg(&src)
+            .output()
+            .unwrap_or_else(|e| panic!("{cc}: {e} (cross/build.sh installs the cross compilers)"));
+        assert!(o.status.success(), "{cc}: {}", String::from_utf8_lossy(&o.stderr));
+        let b64 = std::process::Command::new("base64").arg(&path).output().expect("base64");
+        String::from_utf8(b64.stdout).unwrap()
+    };
+    (build("aarch64-linux-musl-gcc", "probe64"), build("arm-linux-gnueabihf-gcc", "probe32"))
+}
+
+/// The default seccomp profile on the aarch64 board: the app sees `Seccomp: 2`; an aarch64
+/// and an armhf (compat) program alike get EPERM for unshare, mount, keyctl, add_key,
+/// perf_event_open and AF_ALG sockets, ENOSYS for clone3, and can still make threads, fork
+/// and open ordinary sockets (armhf's own calls, set_tls and the time64 ones, pass their
+/// own architecture check). An unconfined app shows `Seccomp: 0` and gets through.
+#[test]
+fn board_seccomp_for_aarch64_and_armhf_programs() {
+    let (p64, p32) = board_probes();
+    let script = guest_script(
+        r#"
+set -u
+mkdir -p /probe
+base64 -d >/probe/p64 <<'B64'
+@P64@
+B64
+base64 -d >/probe/p32 <<'B64'
+@P32@
+B64
+chmod 0755 /probe/p64 /probe/p32
+skiff image load /images/busybox >/dev/null || exit 1
+cat >/tmp/apps.toml <<'APPS'
+[[app]]
+name = "confined"
+image = "busybox:1"
+command = ["sh", "-c", "grep Seccomp: /proc/self/status; /probe/p64 | sed s/^/a64./; /probe/p32 | sed s/^/a32./; echo script=done"]
+restart = "never"
+mounts = [{ source = "/probe", target = "/probe", readonly = true }]
+
+[[app]]
+name = "free"
+image = "busybox:1"
+command = ["sh", "-c", "grep Seccomp: /proc/self/status; /probe/p32 | sed s/^/a32./; echo script=done"]
+restart = "never"
+mounts = [{ source = "/probe", target = "/probe", readonly = true }]
+[app.security]
+seccomp = "unconfined"
+APPS
+skiff apply -f /tmp/apps.toml >/dev/null || exit 1
+start_agent
+until_ps '$1 == "confined" && $2 == "exited"' 60 || echo "WAIT-TIMEOUT: confined exited"
+until_ps '$1 == "free" && $2 == "exited"' 60 || echo "WAIT-TIMEOUT: free exited"
+skiff logs confined | sed 's/^/CONFINED: /'
+skiff logs free | sed 's/^/FREE: /'
+agent_log
+"#,
+        &[("@P64@", p64.trim()), ("@P32@", p32.trim())],
+    );
+    let out = board::run_guest(&script, None, Duration::from_secs(120));
+    out.assert_success();
+    let t = out.transcript();
+    let lines = |prefix: &str| -> BTreeMap<String, String> {
+        out.values(prefix)
+            .filter_map(|l| {
+                l.split_once(['=', ':']).map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            })
+            .collect()
+    };
+    let confined = lines("CONFINED: ");
+    let free = lines("FREE: ");
+    let get =
+        |m: &BTreeMap<String, String>, k: &str| m.get(k).cloned().unwrap_or_else(|| panic!("no {k}\n{t}"));
+    assert_eq!(get(&confined, "Seccomp"), "2", "{t}");
+    assert_eq!(get(&confined, "script"), "done", "{t}");
+    for arch in ["a64", "a32"] {
+        for (call, want) in [
+            ("unshare_user", "EPERM"),
+            ("unshare_mount", "EPERM"),
+            ("mount", "EPERM"),
+            ("clone_userns", "EPERM"),
+            ("clone3", "ENOSYS"),
+            ("keyctl", "EPERM"),
+            ("add_key", "EPERM"),
+            ("perf_event_open", "EPERM"),
+            ("socket_alg", "EPERM"),
+            ("socket_vsock", "EPERM"),
+            ("personality_exec", "EPERM"),
+            ("socket_inet", "ok"),
+            ("socket_unix", "ok"),
+            ("personality_query", "ok"),
+            ("thread", "ok"),
+            ("fork", "ok"),
+            ("probe", "done"),
+        ] {
+            assert_eq!(get(&confined, &format!("{arch}.{call}")), want, "{arch} {call}\n{t}");
+        }
+    }
+    assert_eq!(get(&free, "Seccomp"), "0", "{t}");
+    assert_eq!(get(&free, "a32.unshare_user"), "ok", "{t}");
+    assert_eq!(get(&free, "a32.clone3"), "EINVAL", "{t}");
+    assert_eq!(get(&free, "a32.thread"), "ok", "{t}");
+    println!("board seccomp: run took {:?}", out.elapsed);
 }

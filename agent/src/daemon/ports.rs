@@ -105,7 +105,8 @@ impl Containers for RealContainers {
         let rt = self.0.clone();
         Box::pin(async move {
             let id = Paths::container_id(&app, instance);
-            crate::probe::run(&probe, &rt.exe, &rt.paths.containers(), &id).await
+            let seccomp = rt.paths.instance(&app, instance).join(crate::runtime::instance::SECCOMP);
+            crate::probe::run(&probe, &rt.exe, &rt.paths.containers(), &id, &seccomp).await
         })
     }
 

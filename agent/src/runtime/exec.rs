@@ -8,7 +8,12 @@
 //! times out every live process of that session is SIGKILLed, whatever it
 //! forked. Only a process that made a session of its own escapes. It runs as
 //! the app's user, with the app's capabilities and no-new-privileges setting.
+//!
+//! The command runs under the app's seccomp filter, loaded the same way as
+//! for the app (`executor.rs`), from the file the app's shim recorded.
 
+use super::executor::SandboxExecutor;
+use crate::seccomp::{Filter, Insn};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::oci_spec::runtime::Spec;
@@ -33,15 +38,25 @@ fn say(msg: &str) {
 // This process has no tokio runtime (it must stay single-threaded to fork),
 // so its deadline uses std's monotonic clock.
 #[allow(clippy::disallowed_types)]
-pub fn main(root: &Path, id: &str, timeout: Duration, args: Vec<String>) -> i32 {
+pub fn main(root: &Path, id: &str, seccomp: Option<&Path>, timeout: Duration, args: Vec<String>) -> i32 {
     // Its own session: a Ctrl-C meant for the agent must not end it before it
     // has cleaned up. (The agent does not make it a group leader.)
     let _ = nix::unistd::setsid();
+    let filter = match seccomp.map(load_filter).transpose() {
+        Ok(f) => f.flatten(),
+        Err(e) => {
+            say(&format!("cannot run the probe in container {id}: {e}"));
+            return CANNOT_RUN;
+        }
+    };
     crate::sys::default_sigpipe();
-    let built = ContainerBuilder::new(id.to_string(), SyscallType::default()).with_root_path(root).map(|b| {
-        let (uid, gid) = init_user(root, id).unzip();
-        b.as_tenant().with_container_args(args).with_user(uid).with_group(gid).with_detach(true).build()
-    });
+    let built = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(root)
+        .map(|b| b.with_executor(SandboxExecutor::new(filter)))
+        .map(|b| {
+            let (uid, gid) = init_user(root, id).unzip();
+            b.as_tenant().with_container_args(args).with_user(uid).with_group(gid).with_detach(true).build()
+        });
     crate::sys::ignore_sigpipe();
     let pid = match built {
         Ok(Ok(pid)) => pid,
@@ -89,6 +104,20 @@ fn init_user(root: &Path, id: &str) -> Option<(u32, u32)> {
     let spec = Spec::load(container.bundle().join("config.json")).ok()?;
     let user = spec.process().as_ref()?.user();
     Some((user.uid(), user.gid()))
+}
+
+/// The filter the app runs under, as its shim recorded it (`seccomp.json`):
+/// the probe gets the same. A missing file is a container started by an older
+/// agent, which runs unconfined itself.
+fn load_filter(path: &Path) -> Result<Option<Vec<Insn>>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let filter: Option<Filter> =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    filter.map(|f| f.insns()).transpose().map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// SIGKILLs every live process of session `sid` and returns once none is left

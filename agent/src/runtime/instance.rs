@@ -10,6 +10,9 @@
 //! exit.json     written by the shim when the container has exited and is deleted
 //! *.reserve     space for started.json and exit.json, taken before the
 //!               container starts so a full run dir cannot lose either record
+//! seccomp.json  written by the shim before the container starts: the seccomp
+//!               filter the app runs under (`null`: unconfined), which exec
+//!               probes load too
 //! shim.log      the shim's own messages (rate-limited and capped)
 //! rootfs/       the container's root (overlay mount or copy), removed on exit
 //! bundle/       config.json for libcontainer
@@ -35,6 +38,10 @@ pub struct ShimConfig {
     pub image_config: ImageConfig,
     pub log_dir: PathBuf,
     pub log_cap: u64,
+    /// The app's seccomp filter, compiled by the agent (once per capability
+    /// set); `None` when the app runs unconfined.
+    #[serde(default)]
+    pub seccomp: Option<crate::seccomp::Filter>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +79,7 @@ pub const SHIM_PID: &str = "shim.pid";
 pub const STARTED: &str = "started.json";
 pub const EXIT: &str = "exit.json";
 pub const SHIM_LOG: &str = "shim.log";
+pub const SECCOMP: &str = "seccomp.json";
 
 pub fn write<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;

@@ -8,6 +8,7 @@
 
 pub mod cgroups;
 pub mod exec;
+pub mod executor;
 pub mod instance;
 pub mod logs;
 pub mod loopback;
@@ -16,10 +17,12 @@ pub mod spec;
 
 use crate::image::ImageStore;
 use crate::paths::Paths;
+use crate::seccomp::{Arch, CapSet, Filter};
 use instance::{Exit, ShimConfig, Started};
 use libcontainer::container::Container;
 use libcontainer::signal::Signal as LcSignal;
 use skiff_common::{AppName, AppSpec, ExitInfo};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -75,6 +78,10 @@ pub struct Runtime {
     /// This binary, resolved once: shims and exec probes re-execute it.
     pub exe: PathBuf,
     pub log_cap: u64,
+    /// Seccomp filters compiled so far, one per capability set that matters
+    /// to the profile: compiled once, handed to every shim that needs one.
+    filters: std::sync::Mutex<HashMap<CapSet, Filter>>,
+    cgroup_version: std::sync::OnceLock<spec::CgroupVersion>,
 }
 
 /// Quarter seconds a stop keeps re-sending SIGKILL until the exit is recorded.
@@ -89,7 +96,14 @@ const SCAN_WAIT: Duration = Duration::from_secs(10);
 impl Runtime {
     pub fn new(paths: Paths, images: Arc<ImageStore>, log_cap: u64) -> std::io::Result<Runtime> {
         let exe = std::env::current_exe()?;
-        Ok(Runtime { paths, images, exe, log_cap })
+        Ok(Runtime {
+            paths,
+            images,
+            exe,
+            log_cap,
+            filters: std::sync::Mutex::new(HashMap::new()),
+            cgroup_version: std::sync::OnceLock::new(),
+        })
     }
 
     /// Creates and starts a container; returns its `Started` record, the image
@@ -138,6 +152,7 @@ impl Runtime {
             image_config: resolved.config.clone(),
             log_dir: self.paths.log_dir.clone(),
             log_cap: self.log_cap,
+            seccomp: self.seccomp_filter(spec),
         };
         instance::write(&dir, instance::CONFIG, &cfg).map_err(io_err(&dir))?;
         let log_path = dir.join(instance::SHIM_LOG);
@@ -177,6 +192,22 @@ impl Runtime {
                 RuntimeError::Start("the shim reported success but wrote no started.json".into())
             })?;
         Ok((started, resolved.digest, child))
+    }
+
+    /// The app's seccomp filter, from the cache when an app with the same
+    /// capabilities had one compiled before. `None`: unconfined.
+    fn seccomp_filter(&self, app: &AppSpec) -> Option<Filter> {
+        if !spec::seccomp_confined(app) {
+            return None;
+        }
+        let version = *self
+            .cgroup_version
+            .get_or_init(|| cgroups::Cgroups::detect().map(|c| c.version).unwrap_or(spec::CgroupVersion::V1));
+        let names: Vec<&str> =
+            spec::capabilities(app, version).into_iter().map(skiff_common::Capability::as_str).collect();
+        let caps = CapSet::from_names(&names);
+        let mut cache = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        Some(cache.entry(caps).or_insert_with(|| Filter::compile(Arch::host(), caps)).clone())
     }
 
     /// Waits until the instance has exited and returns how. `child` is the shim

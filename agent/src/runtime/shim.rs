@@ -19,10 +19,13 @@
 //! rate-limited and capped.
 
 use super::cgroups::Cgroups;
+use super::executor::SandboxExecutor;
 use super::instance::{self, Exit, ShimConfig, Started};
 use super::logs::RotatingLog;
 use super::spec::{self, HostDevice, SpecInputs};
 use crate::image;
+use crate::seccomp::profile::Cap;
+use crate::seccomp::{Arch, CapSet, Filter};
 use anyhow::{anyhow, bail, Context};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
@@ -247,6 +250,10 @@ fn create_and_start(
         host_files: &host_files,
         host_masked: &host_masked,
     })?;
+    let seccomp = seccomp_filter(cfg, &spec)?;
+    // Exec probes load the same filter (or none): `skiff probe-exec --seccomp`.
+    instance::write(dir, instance::SECCOMP, &seccomp)?;
+    let seccomp = seccomp.map(|f| f.insns()).transpose().context("the seccomp filter")?;
     let bundle = dir.join("bundle");
     crate::fsutil::private_dir(&bundle)?;
     // The spec holds the app's environment: 0600.
@@ -275,6 +282,7 @@ fn create_and_start(
             b.with_stdin(OwnedFd::from(devnull))
                 .with_stdout(out_w)
                 .with_stderr(err_w)
+                .with_executor(SandboxExecutor::new(seccomp))
                 .as_init(&bundle)
                 .with_systemd(false)
                 .with_detach(true)
@@ -316,6 +324,37 @@ fn create_and_start(
     };
     instance::write_reserved(dir, instance::STARTED, &started)?;
     Ok(pid)
+}
+
+/// The seccomp filter the container's init loads before exec: the agent's,
+/// unless the spec's capabilities are not those it was compiled for (then
+/// compiled here, so an app never runs under another app's profile).
+fn seccomp_filter(cfg: &ShimConfig, spec: &serde_json::Value) -> anyhow::Result<Option<Filter>> {
+    if !spec::seccomp_confined(&cfg.spec) {
+        return Ok(None);
+    }
+    if Arch::host().is_empty() {
+        bail!("skiff has no seccomp profile for this architecture: set security.seccomp = \"unconfined\"");
+    }
+    let caps = CapSet::from_names(&spec::bounding_caps(spec));
+    // The filter is loaded after libcontainer has dropped the capabilities;
+    // from then on the kernel takes it only from a process with
+    // no_new_privileges (libcontainer 0.7 has no earlier hook for it).
+    if spec["process"]["noNewPrivileges"] != true && !caps.has(Cap::SysAdmin) {
+        bail!(
+            "the default seccomp profile needs no_new_privileges (or CAP_SYS_ADMIN): \
+             set security.seccomp = \"unconfined\" to turn no_new_privileges off"
+        );
+    }
+    Ok(Some(match &cfg.seccomp {
+        Some(f) if f.caps == caps => f.clone(),
+        given => {
+            if given.is_some() {
+                note("the agent's seccomp filter was compiled for other capabilities: compiling it here");
+            }
+            Filter::compile(Arch::host(), caps)
+        }
+    }))
 }
 
 fn copy_to_log(fd: OwnedFd, log: &mut RotatingLog) {
@@ -417,5 +456,56 @@ mod tests {
         }
         assert!(total as u64 <= NOTE_CAP + 100, "{total}");
         assert!(n.admit("after cap", NOTE_WINDOW * 5000).is_none());
+    }
+
+    fn shim_config(extra: &str, seccomp: Option<Filter>) -> ShimConfig {
+        let text = format!("[[app]]\nname = \"web\"\nimage = \"busybox:1\"\n{extra}");
+        ShimConfig {
+            spec: skiff_common::toml_file::parse(&text).unwrap().apps.remove(0),
+            instance: 1,
+            container_id: "web-1".into(),
+            container_root: "/run/skiff/containers".into(),
+            cgroup_path: "/skiff/web".into(),
+            image_digest: String::new(),
+            image_rootfs: "/rootfs".into(),
+            image_config: image::ImageConfig {
+                env: vec![],
+                entrypoint: vec![],
+                cmd: vec!["sh".into()],
+                workdir: None,
+                user: None,
+            },
+            log_dir: "/logs".into(),
+            log_cap: 1 << 20,
+            seccomp,
+        }
+    }
+
+    fn spec_with(caps: &[&str], nnp: bool) -> serde_json::Value {
+        serde_json::json!({"process": {"noNewPrivileges": nnp, "capabilities": {"bounding": caps}}})
+    }
+
+    #[test]
+    fn the_seccomp_filter_follows_the_specs_capabilities() {
+        let chroot = CapSet::from_names(&["CAP_SYS_CHROOT"]);
+        let agents = Filter::compile(Arch::host(), chroot);
+        // The agent's filter, when compiled for the capabilities the spec gives.
+        let cfg = shim_config("", Some(agents.clone()));
+        let got = seccomp_filter(&cfg, &spec_with(&["CAP_CHOWN", "CAP_SYS_CHROOT"], true)).unwrap();
+        assert_eq!(got, Some(agents.clone()));
+        // Compiled here when they differ, and when the agent sent none.
+        let got = seccomp_filter(&cfg, &spec_with(&["CAP_CHOWN"], true)).unwrap().unwrap();
+        assert_eq!(got.caps, CapSet::default());
+        let got = seccomp_filter(&shim_config("", None), &spec_with(&["CAP_SYS_CHROOT"], true)).unwrap();
+        assert_eq!(got, Some(agents.clone()));
+        // Unconfined: none, whatever the agent sent.
+        let free = shim_config("[app.security]\nseccomp = \"unconfined\"\n", Some(agents));
+        assert_eq!(seccomp_filter(&free, &spec_with(&[], false)).unwrap(), None);
+        // Without no_new_privileges the kernel would refuse the filter after the
+        // capability drop: the start fails, naming the way out.
+        let err = seccomp_filter(&cfg, &spec_with(&["CAP_SYS_CHROOT"], false)).unwrap_err();
+        assert!(format!("{err}").contains("unconfined"), "{err}");
+        let admin = seccomp_filter(&cfg, &spec_with(&["CAP_SYS_ADMIN"], false)).unwrap().unwrap();
+        assert!(admin.caps.has(Cap::SysAdmin));
     }
 }

@@ -14,7 +14,7 @@
 
 use crate::image::ImageConfig;
 use serde_json::{json, Value};
-use skiff_common::{AppSpec, Capability, NetworkMode};
+use skiff_common::{AppSpec, Capability, NetworkMode, Seccomp};
 
 /// cgroup layout of the host, as far as the spec cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +193,20 @@ pub fn env(app: &AppSpec, image: &ImageConfig) -> Vec<String> {
         out.insert(0, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     }
     out
+}
+
+/// Whether the app runs under the default seccomp profile.
+pub fn seccomp_confined(app: &AppSpec) -> bool {
+    app.security.seccomp == Seccomp::Default
+}
+
+/// The capabilities a built spec gives its process (its bounding set, which
+/// Docker's profile is resolved against too).
+pub fn bounding_caps(spec: &Value) -> Vec<&str> {
+    spec["process"]["capabilities"]["bounding"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c.as_str()).collect())
+        .unwrap_or_default()
 }
 
 pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
@@ -440,7 +454,7 @@ mod tests {
             "/sys/devices/system/cpu/cpu1/thermal_throttle"
         ]));
         assert_eq!(masked.len(), MASKED.len() + 2, "cpufreq is not a CPU");
-        let a = app("user = \"1000:100\"\nread_only_rootfs = true\nno_new_privileges = false\n");
+        let a = app("user = \"1000:100\"\nread_only_rootfs = true\nno_new_privileges = false\nsecurity.seccomp = \"unconfined\"\n");
         let s = build_for(&a, CgroupVersion::V1, &[]);
         assert_eq!(s["process"]["user"], json!({"uid": 1000, "gid": 100}));
         assert_eq!(s["root"]["readonly"], true);

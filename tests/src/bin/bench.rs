@@ -3,8 +3,9 @@
 //!
 //! - container start: from `skiff apply` of a desired state to the app's
 //!   process running (it touches a file in a bind mount, which this polls),
-//!   median and p95 over 20, against `runc run -d` of the same rootfs and
-//!   command measured the same way;
+//!   median and p95 over 20, with the default seccomp profile and unconfined,
+//!   against `runc run -d` of the same rootfs and command (no seccomp: the
+//!   bundle is skiff's, which loads its filter itself) measured the same way;
 //! - memory: PSS of the agent and its shims, idle, with 10 running apps;
 //! - sizes of the stripped release binaries (and aarch64 ones if built);
 //! - MQTT: skiffctl apply -> running, catch-up of 1,000 queued events, idle
@@ -382,33 +383,39 @@ fn start_latency() {
     sb.start_agent();
     let mark = sb.dir.path().join("mark");
     std::fs::create_dir_all(&mark).unwrap();
-    let app = |i: usize| {
-        format!(
-            "[[app]]\nname = \"bench\"\nimage = \"busybox:1\"\ncommand = [\"sh\", \"-c\", \"touch /mark/up; exec sleep 600\"]\nenv = {{ RUN = \"{i}\" }}\nstop_grace = \"0s\"\nmounts = [{{ source = \"{}\", target = \"/mark\" }}]\n",
-            mark.display()
-        )
-    };
     let up = mark.join("up");
-    let mut skiff = Vec::new();
     let mut bundle: Option<Value> = None;
-    for i in 0..RUNS + 1 {
-        sb.apply("");
-        wait_for(Duration::from_secs(20), "no app", || {
-            sb.ps()["apps"].as_array().unwrap().is_empty().then_some(())
-        });
-        let _ = std::fs::remove_file(&up);
-        let t = Instant::now();
-        sb.apply(&app(i));
-        wait_file(&up, Duration::from_secs(20));
-        if i > 0 {
-            skiff.push(t.elapsed().as_secs_f64() * 1000.0); // the first run warms caches
+    // `extra`: TOML lines for the app (the seccomp setting).
+    let mut measure = |extra: &str| -> Vec<f64> {
+        let app = |i: usize| {
+            format!(
+                "[[app]]\nname = \"bench\"\nimage = \"busybox:1\"\ncommand = [\"sh\", \"-c\", \"touch /mark/up; exec sleep 600\"]\nenv = {{ RUN = \"{i}\" }}\nstop_grace = \"0s\"\nmounts = [{{ source = \"{}\", target = \"/mark\" }}]\n{extra}",
+                mark.display()
+            )
+        };
+        let mut times = Vec::new();
+        for i in 0..RUNS + 1 {
+            sb.apply("");
+            wait_for(Duration::from_secs(20), "no app", || {
+                sb.ps()["apps"].as_array().unwrap().is_empty().then_some(())
+            });
+            let _ = std::fs::remove_file(&up);
+            let t = Instant::now();
+            sb.apply(&app(i));
+            wait_file(&up, Duration::from_secs(20));
+            if i > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1000.0); // the first run warms caches
+            }
+            if bundle.is_none() {
+                let a = sb.wait_running("bench");
+                let _ = a;
+                bundle = find_bundle(&sb.run_dir());
+            }
         }
-        if bundle.is_none() {
-            let a = sb.wait_running("bench");
-            let _ = a;
-            bundle = find_bundle(&sb.run_dir());
-        }
-    }
+        times
+    };
+    let skiff = measure("");
+    let unconfined = measure("[app.security]\nseccomp = \"unconfined\"\n");
     sb.apply("");
 
     // runc on the same rootfs, command and bind mount.
@@ -444,11 +451,16 @@ fn start_latency() {
         let _ = Command::new("runc").arg("--root").arg(&state).args(["delete", "-f", &id]).status();
     }
     let (sm, sp, smin) = stats(skiff);
+    let (um, up95, umin) = stats(unconfined);
     let (rm, rp, rmin) = stats(runc);
     println!("container start, desired state -> process running (ms)");
     println!(
         "  {:<44} median {sm:7.1}  p95 {sp:7.1}  min {smin:7.1}",
-        "skiff apply -> running (agent + shim + libcontainer)"
+        "skiff apply -> running (seccomp default)"
+    );
+    println!(
+        "  {:<44} median {um:7.1}  p95 {up95:7.1}  min {umin:7.1}",
+        "skiff apply -> running (seccomp unconfined)"
     );
     println!(
         "  {:<44} median {rm:7.1}  p95 {rp:7.1}  min {rmin:7.1}",
