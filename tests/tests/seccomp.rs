@@ -10,11 +10,12 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-/// A directory holding the static `sysprobe`, built once per test process.
+/// A directory holding the static `sysprobe`, built once per test process
+/// into cargo's scratch dir for tests (under target/, so nothing is left in /tmp).
 fn probe_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("skiff-sysprobe-{}", std::process::id()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sysprobe");
         std::fs::create_dir_all(&dir).unwrap();
         let out = Command::new("gcc")
             .args(["-static", "-O2", "-pthread", "-o"])
