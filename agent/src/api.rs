@@ -42,6 +42,9 @@ pub struct PsReply {
     /// Image pulls under way or failed (the state that needs them waits).
     #[serde(default)]
     pub pulls: Vec<skiff_common::PullStatus>,
+    /// What the board keeps for the OS and the agent, and what apps get.
+    #[serde(default)]
+    pub headroom: Option<crate::headroom::Headroom>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

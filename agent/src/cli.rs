@@ -69,7 +69,7 @@ impl PathArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent: keep the desired state running (the daemon).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Set the desired state from a file; the running agent applies it within a second.
     /// Images it needs are pulled first (per app `pull` policy); nothing is written if one cannot be had.
     Apply {
@@ -206,6 +206,17 @@ struct AgentArgs {
     /// An app that ran this long restarts with the base delay again.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     backoff_reset: Duration,
+    /// Memory kept for the OS and the agent: all apps together get the board's
+    /// MemTotal minus this [default: 128Mi, at most half of the board].
+    #[arg(long, env = "SKIFF_RESERVE_MEMORY", value_parser = parse_bytes)]
+    reserve_memory: Option<u64>,
+    /// Pids kept for the OS and the agent: all apps together get the smaller of
+    /// pid_max and threads-max minus this [default: 512, at most half].
+    #[arg(long, env = "SKIFF_RESERVE_PIDS")]
+    reserve_pids: Option<u64>,
+    /// Memory limit of apps that set none, e.g. 256Mi [default: none; the apps' budget still holds].
+    #[arg(long, env = "SKIFF_DEFAULT_APP_MEMORY", value_parser = parse_bytes)]
+    default_app_memory: Option<u64>,
     #[command(flatten)]
     mqtt: MqttArgs,
     #[command(flatten)]
@@ -286,7 +297,7 @@ pub fn main() -> i32 {
         _ => {}
     }
     let result = match cli.cmd {
-        Cmd::Agent(a) => agent(paths, a),
+        Cmd::Agent(a) => agent(paths, *a),
         Cmd::Apply { file, pull } => apply(&paths, &file, &pull),
         Cmd::Validate { file } => validate(&file).map(|_| println!("{}: ok", file.display())),
         Cmd::Ps { json } => ps(&paths, json),
@@ -375,6 +386,7 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
     if let Some(msg) = crate::doctor::fatal(&checks) {
         return Err(Invalid(format!("skiff agent cannot run on this host: {msg}")).into());
     }
+    let headroom = keep_headroom(&paths, &a)?;
     let socket = paths.socket();
     let cfg = crate::daemon::AgentConfig {
         paths,
@@ -384,6 +396,7 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
         images: None,
         // Read (and removed from the environment) before any thread starts.
         notify: crate::sdnotify::Notifier::from_env(),
+        headroom: Some(headroom),
     };
     let mut pull = a.pull.config();
     pull.retry_budget.get_or_insert(AGENT_PULL_RETRY);
@@ -402,6 +415,31 @@ fn agent(paths: Paths, a: AgentArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&socket);
     }
     result
+}
+
+/// Limits the parent cgroup of all apps to the board minus the reserve,
+/// before any app is created. A reserve the board cannot give is a
+/// configuration error (exit 3).
+fn keep_headroom(paths: &Paths, a: &AgentArgs) -> anyhow::Result<crate::headroom::Headroom> {
+    use crate::headroom;
+    let board = headroom::board()?;
+    let reserve = headroom::Reserve { memory: a.reserve_memory, pids: a.reserve_pids };
+    let mut h = headroom::plan(&board, &reserve, a.default_app_memory, &paths.cgroup_root)
+        .map_err(|e| Invalid(format!("skiff agent: {e}")))?;
+    let cgroups = crate::runtime::cgroups::Cgroups::detect()
+        .ok_or_else(|| anyhow::anyhow!("no cgroup file system is mounted"))?;
+    let written = headroom::apply(&cgroups, &mut h)?;
+    tracing::info!(
+        cgroup = %h.cgroup,
+        reserve_memory = h.reserve_memory,
+        apps_memory = h.apps_memory,
+        reserve_pids = h.reserve_pids,
+        apps_pids = ?h.apps_pids,
+        default_app_memory = ?h.default_app_memory,
+        changed = written.len(),
+        "headroom kept for the OS and the agent"
+    );
+    Ok(h)
 }
 
 /// Logs to journald with structured fields (`SKIFF_APP=web`,
@@ -552,6 +590,9 @@ fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
         Some(l) => format!(", controller link down ({})", l.last_error.as_deref().unwrap_or("connecting")),
     };
     writeln!(out, "generation {}{link}", reply.generation)?;
+    if let Some(h) = &reply.headroom {
+        writeln!(out, "{}", headroom_line(h))?;
+    }
     writeln!(
         out,
         "{:<20} {:<9} {:>8} {:>8} {:>9} {:>8}  {:<12} {:<8} {:<8} IMAGE",
@@ -607,6 +648,26 @@ fn health(h: Health) -> &'static str {
         Health::Passing => "passing",
         Health::Failing => "failing",
     }
+}
+
+/// `ps`'s line about what the board keeps and what apps get.
+fn headroom_line(h: &crate::headroom::Headroom) -> String {
+    let mib = |b: u64| format!("{}MiB", b >> 20);
+    let pids = match h.apps_pids {
+        Some(p) => format!(", {} pids reserved, apps {p}", h.reserve_pids),
+        None => String::new(),
+    };
+    let default = match h.default_app_memory {
+        Some(d) => format!(", default app memory {}", mib(d)),
+        None => String::new(),
+    };
+    format!(
+        "reserve {} of {} for the OS and agent, apps {} ({}){pids}{default}",
+        mib(h.reserve_memory),
+        mib(h.mem_total),
+        mib(h.apps_memory),
+        h.cgroup
+    )
 }
 
 fn exit_text(e: &skiff_common::ExitInfo) -> String {

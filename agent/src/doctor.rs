@@ -117,6 +117,7 @@ pub fn run_on(host: &Host, paths: &Paths) -> Vec<Check> {
                     Some(&fix),
                 ));
             }
+            out.push(headroom(host, &c, &paths.cgroup_root));
         }
     }
     out.push(clock(host.now));
@@ -239,6 +240,50 @@ fn space_check(state_dir: &Path, free: u64) -> Check {
     }
 }
 
+/// What the default reserve leaves for apps on this board, and the limit the
+/// parent cgroup of all apps has now (the agent sets it at start, from its
+/// `--reserve-memory`).
+fn headroom(host: &Host, c: &Cgroups, cgroup_root: &str) -> Check {
+    use crate::headroom::{self, Board, Reserve};
+    let num = |p: &str| host.read(p).and_then(|s| s.trim().parse::<u64>().ok());
+    let mem_total = host.read("/proc/meminfo").as_deref().and_then(headroom::mem_total);
+    let (Some(mem_total), Some(pid_max), Some(threads_max)) =
+        (mem_total, num("/proc/sys/kernel/pid_max"), num("/proc/sys/kernel/threads-max"))
+    else {
+        return check("headroom", Level::Warn, "cannot read MemTotal, pid_max or threads-max", None);
+    };
+    let board = Board { mem_total, pid_max, threads_max, page_size: 4096 };
+    let h = match headroom::plan(&board, &Reserve::default(), None, cgroup_root) {
+        Ok(h) => h,
+        Err(e) => return check("headroom", Level::Warn, e.to_string(), None),
+    };
+    let file = match c.version {
+        CgroupVersion::V2 => "memory.max",
+        CgroupVersion::V1 => "memory.limit_in_bytes",
+    };
+    let now = c
+        .dir("memory", &h.cgroup)
+        .and_then(|d| host.read(&d.join(file).to_string_lossy()))
+        .map(|v| match v.trim().parse::<u64>() {
+            Ok(b) if b < mem_total => format!("{} MiB", b >> 20),
+            _ => "no limit".to_string(),
+        })
+        .unwrap_or_else(|| "not created yet".to_string());
+    check(
+        "headroom",
+        Level::Ok,
+        format!(
+            "default reserve {} MiB of {} MiB and {} of {} pids for the OS and the agent (--reserve-memory, --reserve-pids); {} memory limit now: {now}",
+            h.reserve_memory >> 20,
+            mem_total >> 20,
+            h.reserve_pids,
+            h.pid_capacity,
+            h.cgroup
+        ),
+        None,
+    )
+}
+
 /// The first failing check as one message naming the fix, for the agent's start.
 pub fn fatal(checks: &[Check]) -> Option<String> {
     checks.iter().find(|c| c.level == Level::Fail).map(|c| match &c.fix {
@@ -267,6 +312,9 @@ mod tests {
         );
         w("sys/fs/cgroup/cgroup.controllers", controllers);
         w("proc/cmdline", cmdline);
+        w("proc/meminfo", "MemTotal:         440320 kB\nMemFree:          200000 kB\n");
+        w("proc/sys/kernel/pid_max", "32768\n");
+        w("proc/sys/kernel/threads-max", "3500\n");
         w("proc/filesystems", "nodev\tsysfs\nnodev\toverlay\n");
         w("boot/firmware/cmdline.txt", "console=serial0,115200 root=PARTUUID=1234-02 rootwait\n");
         let host = Host { root: dir.path().to_path_buf(), now: UNIX_EPOCH + Duration::from_secs(now_secs) };
@@ -284,6 +332,26 @@ mod tests {
             Some(dir.join("logs")),
             Some("skiff-doctor-test".into()),
         )
+    }
+
+    #[test]
+    fn headroom_shows_the_default_reserve_and_the_limit_set() {
+        let now = CLOCK_FLOOR_SECS + 86_400;
+        let (dir, host) = fake_host("cpu memory pids", "console=tty1", now);
+        let checks = run_on(&host, &paths(dir.path()));
+        let h = find(&checks, "headroom");
+        assert_eq!(h.level, Level::Ok);
+        assert!(
+            h.detail.starts_with("default reserve 128 MiB of 430 MiB and 512 of 3500 pids"),
+            "{}",
+            h.detail
+        );
+        assert!(h.detail.ends_with("/skiff-doctor-test memory limit now: not created yet"), "{}", h.detail);
+        let limit = dir.path().join("sys/fs/cgroup/skiff-doctor-test/memory.max");
+        std::fs::create_dir_all(limit.parent().unwrap()).unwrap();
+        std::fs::write(&limit, format!("{}\n", 302u64 << 20)).unwrap();
+        let checks = run_on(&host, &paths(dir.path()));
+        assert!(find(&checks, "headroom").detail.ends_with("memory limit now: 302 MiB"));
     }
 
     #[test]

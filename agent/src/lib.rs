@@ -6,6 +6,7 @@ pub mod cli;
 pub mod daemon;
 pub mod doctor;
 pub mod fsutil;
+pub mod headroom;
 pub mod image;
 pub mod intake;
 pub mod link;

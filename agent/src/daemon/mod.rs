@@ -57,6 +57,8 @@ pub struct AgentConfig {
     pub images: Option<Arc<dyn Images>>,
     /// systemd's notify socket, when the agent runs under systemd.
     pub notify: Option<crate::sdnotify::Notifier>,
+    /// The parent cgroup's limits, set before the agent started (for `ps`).
+    pub headroom: Option<crate::headroom::Headroom>,
 }
 
 /// What the loop is given: its ports, its settings, its link.
@@ -78,6 +80,8 @@ pub struct Parts {
     pub initial: Result<(DesiredState, Option<String>), String>,
     /// Told when the agent is ready and pinged from the loop (systemd).
     pub notify: Option<crate::sdnotify::Notifier>,
+    /// The reserve and the apps' budget, shown by `ps`.
+    pub headroom: Option<crate::headroom::Headroom>,
 }
 
 /// The longest `READY=1` waits for the apps of the stored state to be created
@@ -136,7 +140,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let images = Arc::new(tokio::task::spawn_blocking(move || ImageStore::open(&store_dir)).await??);
     let image_port: Arc<dyn Images> =
         cfg.images.clone().unwrap_or_else(|| Arc::new(LocalImages(images.clone())));
-    let runtime = Arc::new(Runtime::new(paths.clone(), images.clone(), cfg.log_cap)?);
+    let mut runtime = Runtime::new(paths.clone(), images.clone(), cfg.log_cap)?;
+    runtime.default_memory = cfg.headroom.as_ref().and_then(|h| h.default_app_memory);
+    let runtime = Arc::new(runtime);
     let states: Arc<dyn States> = Arc::new(StateStore::new(&paths.state_dir));
     let listener = bind_socket(&paths)?;
     let socket = paths.socket();
@@ -161,6 +167,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         incoming,
         initial,
         notify: cfg.notify,
+        headroom: cfg.headroom,
     };
     let r = run_with(parts, shutdown).await;
     let _ = std::fs::remove_file(&socket);
@@ -169,11 +176,22 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
 
 /// The loop itself, on whatever ports it is given.
 pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let Parts { containers, states, images, backoff, listener, usage, link, incoming, initial, notify } =
-        parts;
+    let Parts {
+        containers,
+        states,
+        images,
+        backoff,
+        listener,
+        usage,
+        link,
+        incoming,
+        initial,
+        notify,
+        headroom,
+    } = parts;
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
     let view = Arc::new(Mutex::new(View::default()));
-    tokio::spawn(serve_api(listener, tx.clone(), view.clone(), usage.map(Arc::new)));
+    tokio::spawn(serve_api(listener, tx.clone(), view.clone(), usage.map(Arc::new), headroom));
     tokio::spawn(watch_state_file(states.path(), tx.clone()));
 
     let mut rec = Reconciler::new(backoff);
@@ -759,12 +777,14 @@ async fn serve_api(
     tx: mpsc::UnboundedSender<Input>,
     view: Arc<Mutex<View>>,
     usage: Option<Arc<Usage>>,
+    headroom: Option<crate::headroom::Headroom>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let tx = tx.clone();
         let view = view.clone();
         let usage = usage.clone();
+        let headroom = headroom.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut r = BufReader::new(r);
@@ -784,7 +804,7 @@ async fn serve_api(
                         (v.generation, v.apps.clone(), link, v.pulls.clone())
                     };
                     let usage = usage.as_ref().map(|u| u.of(&apps)).unwrap_or_default();
-                    Response::Ps(PsReply { generation, apps, usage, link, pulls })
+                    Response::Ps(PsReply { generation, apps, usage, link, pulls, headroom })
                 }
                 Ok(Request::Reload) => {
                     let (otx, orx) = tokio::sync::oneshot::channel();

@@ -274,6 +274,7 @@ impl Harness {
             incoming: Some(incoming),
             initial,
             notify,
+            headroom: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run_with(parts, async move {

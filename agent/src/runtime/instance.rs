@@ -42,6 +42,10 @@ pub struct ShimConfig {
     /// set); `None` when the app runs unconfined.
     #[serde(default)]
     pub seccomp: Option<crate::seccomp::Filter>,
+    /// The agent's `--default-app-memory`, for an app that sets no memory
+    /// limit (kept apart from `spec`, which stays what the user asked for).
+    #[serde(default)]
+    pub default_memory: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

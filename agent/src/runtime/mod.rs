@@ -82,6 +82,8 @@ pub struct Runtime {
     /// to the profile: compiled once, handed to every shim that needs one.
     filters: std::sync::Mutex<HashMap<CapSet, Filter>>,
     cgroup_version: std::sync::OnceLock<spec::CgroupVersion>,
+    /// Memory limit of apps that set none (`--default-app-memory`).
+    pub default_memory: Option<u64>,
 }
 
 /// Quarter seconds a stop keeps re-sending SIGKILL until the exit is recorded.
@@ -103,6 +105,7 @@ impl Runtime {
             log_cap,
             filters: std::sync::Mutex::new(HashMap::new()),
             cgroup_version: std::sync::OnceLock::new(),
+            default_memory: None,
         })
     }
 
@@ -153,6 +156,7 @@ impl Runtime {
             log_dir: self.paths.log_dir.clone(),
             log_cap: self.log_cap,
             seccomp: self.seccomp_filter(spec),
+            default_memory: self.default_memory,
         };
         instance::write(&dir, instance::CONFIG, &cfg).map_err(io_err(&dir))?;
         let log_path = dir.join(instance::SHIM_LOG);

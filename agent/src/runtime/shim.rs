@@ -240,8 +240,9 @@ fn create_and_start(
     let rootfs = image::mount_rootfs(&cfg.image_rootfs, &dir.join("rootfs"))
         .context("preparing the root file system")?;
     let rootfs = rootfs.to_str().ok_or_else(|| anyhow!("rootfs path is not UTF-8"))?.to_string();
+    let app = spec::with_default_memory(&cfg.spec, cfg.default_memory);
     let spec = spec::build(&SpecInputs {
-        app: &cfg.spec,
+        app: &app,
         image: &cfg.image_config,
         rootfs: &rootfs,
         cgroup_path: &cfg.cgroup_path,
@@ -478,6 +479,7 @@ mod tests {
             log_dir: "/logs".into(),
             log_cap: 1 << 20,
             seccomp,
+            default_memory: None,
         }
     }
 

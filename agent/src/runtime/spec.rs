@@ -209,6 +209,16 @@ pub fn bounding_caps(spec: &Value) -> Vec<&str> {
         .unwrap_or_default()
 }
 
+/// `app` with `default` as its memory limit when it sets none (the agent's
+/// `--default-app-memory`).
+pub fn with_default_memory(app: &AppSpec, default: Option<u64>) -> AppSpec {
+    let mut app = app.clone();
+    if app.resources.memory_bytes.is_none() {
+        app.resources.memory_bytes = default;
+    }
+    app
+}
+
 pub fn build(i: &SpecInputs) -> Result<Value, SpecError> {
     let app = i.app;
     let (uid, gid) = match app.security.user {
@@ -341,6 +351,18 @@ mod tests {
             host_masked: &thermal_paths(["cpu1", "cpu0", "cpufreq"]),
         })
         .unwrap()
+    }
+
+    #[test]
+    fn default_memory_only_for_apps_without_a_limit() {
+        let none = app("command = [\"sh\"]\n");
+        let own = app("command = [\"sh\"]\n[app.resources]\nmemory = \"32Mi\"\n");
+        let s = build_for(&with_default_memory(&none, Some(256 << 20)), CgroupVersion::V2, &[]);
+        assert_eq!(s["linux"]["resources"]["memory"]["limit"], 256 << 20);
+        let s = build_for(&with_default_memory(&own, Some(256 << 20)), CgroupVersion::V2, &[]);
+        assert_eq!(s["linux"]["resources"]["memory"]["limit"], 32 << 20);
+        let s = build_for(&with_default_memory(&none, None), CgroupVersion::V2, &[]);
+        assert!(s["linux"]["resources"].get("memory").is_none());
     }
 
     #[test]
