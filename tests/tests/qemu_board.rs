@@ -438,7 +438,8 @@ if wait_running 3 30; then echo "ALL-RUNNING: $(up)"; else echo "NOT-RUNNING"; a
 ps_line "PS: "
 skiff ps >/tmp/ps.txt
 gen() { tr '\0' '\n' <"/proc/$1/environ" | sed -n 's/^GEN=//p'; }
-for pid in $(awk 'NR > 2 && $3 != "-" { print $1 ":" $3 }' /tmp/ps.txt); do
+# App lines follow the column header (header lines above it vary: link, reserve).
+for pid in $(awk 'seen && $3 != "-" { print $1 ":" $3 } $1 == "APP" { seen = 1 }' /tmp/ps.txt); do
     echo "APP-GEN: ${pid%%:*} $(gen "${pid#*:}")"
 done
 grep -q unreadable /tmp/agent.log && { echo "FELL-BACK"; agent_log; }
