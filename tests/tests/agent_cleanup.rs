@@ -132,6 +132,12 @@ impl Drop for PidsCage {
     fn drop(&mut self) {
         let _ = std::fs::write(self.dir.join("pids.max"), "max");
         let _ = std::fs::write(&self.parent_procs, self.pid.to_string());
+        // Shims the agent forked while caged are in it too: out with them, or
+        // the directory cannot go.
+        let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.split_whitespace() {
+            let _ = std::fs::write(&self.parent_procs, pid);
+        }
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
