@@ -155,10 +155,10 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecErr
 /// The state file: a `DesiredState` in a `Kind::StateFile` envelope.
 pub mod state_file {
     use super::*;
-    use crate::{v1, DesiredState};
+    use crate::{v1, v2, DesiredState};
 
-    /// Written by this build. 2: `AppSpec.pull`.
-    pub const SCHEMA: u8 = 2;
+    /// Written by this build. 2: `AppSpec.pull`, `AppSpec.security`. 3: `DesiredState.rollout`.
+    pub const SCHEMA: u8 = 3;
     /// The oldest schema this build still reads (and converts).
     pub const OLDEST: u8 = 1;
     /// Far above any real desired state; bounds what a corrupt file can cost.
@@ -177,6 +177,7 @@ pub mod state_file {
         let (schema, payload) = open(bytes, Kind::StateFile, OLDEST..=SCHEMA, LIMIT)?;
         let state = match schema {
             1 => decode_payload::<v1::DesiredState>(payload)?.into(),
+            2 => decode_payload::<v2::DesiredState>(payload)?.into(),
             _ => decode_payload::<DesiredState>(payload)?,
         };
         state.validate().map_err(CodecError::Invalid)?;

@@ -452,6 +452,7 @@ fn report(
         origin,
         apps: now.2.clone(),
         pulls: now.3.clone(),
+        rollout: skiff_common::RolloutStatus { committed: now.0, testing: None, failed: None },
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         last_rejection: None,
         sent_unix: 0,
