@@ -542,6 +542,13 @@ async fn systemd_hears_ready_once_the_apps_are_created_and_pings_come_from_the_l
     assert!(after <= before + 1, "{} pings while the loop hung", after - before);
     h.until("pings again", |_| systemd.pings.load(Ordering::SeqCst) >= after + 2).await;
     h.shutdown().await;
+    // The listener thread may not have read the last datagram yet.
+    for _ in 0..500 {
+        if systemd.got.lock().unwrap().iter().any(|m| m == "STOPPING=1") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let got = systemd.got.lock().unwrap().clone();
     assert_eq!(got.iter().filter(|m| m.starts_with("READY")).count(), 1, "READY once");
     assert_eq!(got.last().map(String::as_str), Some("STOPPING=1"));
