@@ -35,13 +35,15 @@ pub enum Kind {
     SignedDesired = 2,
     Reported = 3,
     Event = 4,
+    /// The device's rollout record (`rollout.skf`: last good generation, the one on test).
+    RolloutRecord = 5,
 }
 
 impl Kind {
     /// Who reads this kind, for "upgrade ..." messages.
     pub fn reader(self) -> &'static str {
         match self {
-            Kind::StateFile | Kind::SignedDesired => "the agent",
+            Kind::StateFile | Kind::SignedDesired | Kind::RolloutRecord => "the agent",
             Kind::Reported | Kind::Event => "skiffctl",
         }
     }
