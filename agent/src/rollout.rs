@@ -333,6 +333,55 @@ impl Trial {
     }
 }
 
+/// A controller generation waiting for its images (the old generation runs
+/// meanwhile). When its pulls still fail after `rollout.deadline`, counted
+/// from its first offer, it has failed: the device stays on what it runs.
+#[derive(Debug)]
+pub struct PullWait {
+    generation: u64,
+    since: Instant,
+    policy: Rollout,
+    images: Vec<(AppName, skiff_common::ImageRef)>,
+}
+
+impl PullWait {
+    pub fn new(state: &DesiredState, now: Instant) -> PullWait {
+        PullWait {
+            generation: state.generation,
+            since: now,
+            policy: state.rollout,
+            images: state.apps.iter().map(|a| (a.name.clone(), a.image.clone())).collect(),
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// An attempt failed at `now` with `reason` (which names the image): the
+    /// failure once the deadline has passed. Never with `rollback = false`:
+    /// such a state is tried until its images come.
+    pub fn failed(&self, reason: &str, now: Instant) -> Option<RolloutFailure> {
+        if !self.policy.rollback || now.saturating_duration_since(self.since) < self.policy.deadline {
+            return None;
+        }
+        let app = self
+            .images
+            .iter()
+            .find(|(_, image)| reason.contains(&format!("pulling {image}:")))
+            .map(|(app, _)| app.clone());
+        Some(RolloutFailure {
+            generation: self.generation,
+            app,
+            reason: clip(format!(
+                "images not pulled within the rollout deadline of {}: {reason}",
+                skiff_common::quantity::format_duration(self.policy.deadline)
+            )),
+            rolled_back: true,
+        })
+    }
+}
+
 /// Running and ready (or finished as it should): what the window waits for.
 fn healthy(s: &AppStatus) -> bool {
     match s.phase {

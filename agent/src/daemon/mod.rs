@@ -345,6 +345,13 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
                 digests.insert(app, digest);
                 Vec::new()
             }
+            Input::Link(crate::link::Incoming::Desired { state, persisted })
+                if !rollouts.offered(&state, now) =>
+            {
+                // A generation that failed its rollout: taken, and not tried again.
+                let _ = persisted.send(Ok(()));
+                Vec::new()
+            }
             Input::Link(crate::link::Incoming::Desired { state, persisted }) => {
                 // Which images are here is a read of the store: off the loop.
                 ex.answers.insert(state.generation, persisted);
@@ -570,6 +577,20 @@ impl Executor {
                 Vec::new()
             }
             intake::Output::Answer { generation, result } => {
+                if let Err(reason) = &result {
+                    if let Some(f) = rollouts.not_taken(generation, reason, now) {
+                        if let Some(l) = link {
+                            let detail = format!("generation {generation} given up: {}", f.reason);
+                            l.event(EventKind::RolledBack, f.app, detail);
+                        }
+                        // Taken as far as the link goes: the controller learns
+                        // from the report that it failed, and need not re-send it.
+                        if let Some(tx) = self.answers.remove(&generation) {
+                            let _ = tx.send(Ok(()));
+                        }
+                        return Vec::new();
+                    }
+                }
                 match &result {
                     Ok(()) => info!(generation, "desired state from the controller persisted"),
                     Err(reason) => warn!(generation, %reason, "controller's desired state not taken (yet)"),

@@ -8,9 +8,9 @@
 //! waits for flash.
 
 use super::States;
-use crate::rollout::{AtStart, Record, Trial, Verdict};
+use crate::rollout::{AtStart, PullWait, Record, Trial, Verdict};
 use crate::store::RolloutFiles;
-use skiff_common::{AppStatus, DesiredState, ImageRef, RolloutStatus};
+use skiff_common::{AppStatus, DesiredState, ImageRef, RolloutFailure, RolloutStatus};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -27,6 +27,8 @@ pub(super) struct Rollouts {
     trial: Option<Trial>,
     /// What the start-up decided for the stored generation, until it is applied.
     boot: Option<(u64, AtStart)>,
+    /// The controller generation waiting for its images.
+    pulls: Option<PullWait>,
     writes: std::sync::mpsc::Sender<Write>,
 }
 
@@ -64,6 +66,7 @@ impl Rollouts {
             good: files.good,
             trial: None,
             boot: None,
+            pulls: None,
             writes: tx,
         };
         if let Some(stored) = stored {
@@ -124,6 +127,9 @@ impl Rollouts {
             }
         });
         self.trial = None;
+        if self.pulls.as_ref().is_some_and(|w| w.generation() <= g) {
+            self.pulls = None;
+        }
         match plan {
             AtStart::Run => {
                 if self.record.committed != g || self.good.is_none() {
@@ -164,6 +170,31 @@ impl Rollouts {
             self.good = Some(state.clone());
             self.write(Write::Commit(Box::new(state.clone()), self.record.clone()));
         }
+    }
+
+    /// A controller state was offered: `false` when it is a generation that
+    /// already failed (it is not tried again; the offer is answered as taken).
+    pub fn offered(&mut self, state: &DesiredState, now: Instant) -> bool {
+        if self.record.failed.as_ref().is_some_and(|f| f.generation == state.generation) {
+            info!(generation = state.generation, "generation failed before: not tried again");
+            return false;
+        }
+        if self.pulls.as_ref().is_none_or(|w| w.generation() != state.generation) {
+            self.pulls = Some(PullWait::new(state, now));
+        }
+        true
+    }
+
+    /// The intake could not take `generation` (a pull failed): the failure,
+    /// recorded, once its images are past the deadline.
+    pub fn not_taken(&mut self, generation: u64, reason: &str, now: Instant) -> Option<RolloutFailure> {
+        let w = self.pulls.as_ref().filter(|w| w.generation() == generation)?;
+        let failure = w.failed(reason, now)?;
+        self.pulls = None;
+        warn!(generation, reason = %failure.reason, "generation given up: its images did not come in time");
+        self.record = self.record.fail(failure.clone());
+        self.write(Write::Record(self.record.clone()));
+        Some(failure)
     }
 
     /// Shows the trial the reconciler's notes among `actions`.

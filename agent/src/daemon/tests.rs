@@ -723,3 +723,39 @@ async fn a_failed_generation_is_not_run_again_at_start_and_a_test_resumes_until_
     assert!(f.reason.contains("started 3 times"), "{}", f.reason);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_generation_whose_image_does_not_come_within_the_deadline_is_given_up_once() {
+    let h = Harness::start(state(1, Origin::Local, &[("web", "web:1")]), &["web:1"]);
+    h.until("web:1 running", |h| h.running() == [("web".into(), "web:1".into())]).await;
+    let mut two = state(2, Origin::Controller, &[("web", "web:2")]);
+    two.rollout.stable = Duration::ZERO;
+    two.rollout.deadline = Duration::from_millis(300);
+    let why = "registry 127.0.0.1:5000: connection refused";
+    // A failed pull within the deadline: not taken, the link offers it again later.
+    let answer = h.offer(two.clone()).await;
+    h.until("the pull", |h| h.images.gates.lock().unwrap().contains_key("web:2")).await;
+    h.release("web:2", Err(why.into()));
+    assert_eq!(answer.await.unwrap(), Err(format!("pulling web:2: {why}")));
+    assert!(h.record().failed.is_none());
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    // Past the deadline: given up, reported, and taken so the link stops offering it.
+    let answer = h.offer(two.clone()).await;
+    h.until("the pull", |h| h.images.gates.lock().unwrap().contains_key("web:2")).await;
+    h.release("web:2", Err(why.into()));
+    assert_eq!(answer.await.unwrap(), Ok(()));
+    let f = h.record().failed.expect("a failure on flash");
+    assert_eq!((f.generation, f.app.clone(), f.rolled_back), (2, Some(name("web")), true));
+    assert_eq!(
+        f.reason,
+        format!("images not pulled within the rollout deadline of 300ms: pulling web:2: {why}")
+    );
+    assert_eq!(h.ps().await.rollout.unwrap().failed, Some(f));
+    // Offered again (a reconnect): not pulled again.
+    let answer = h.offer(two).await;
+    assert_eq!(answer.await.unwrap(), Ok(()));
+    assert_eq!(*h.images.pulls.lock().unwrap(), ["web:2", "web:2"]);
+    assert_eq!(h.running(), [("web".into(), "web:1".into())]);
+    assert!(h.states.saves.lock().unwrap().is_empty(), "never persisted");
+    h.shutdown().await;
+}

@@ -335,3 +335,27 @@ fn a_decoded_record_is_checked() {
     r.failed.as_mut().unwrap().reason = "x".repeat(REASON_MAX + 1);
     assert!(r.validate().is_err());
 }
+
+#[test]
+fn a_generation_whose_images_do_not_come_within_the_deadline_fails_naming_the_app() {
+    let s = state(
+        20,
+        "[rollout]\ndeadline = \"5m\"\n[[app]]\nname = \"db\"\nimage = \"db:1\"\n[[app]]\nname = \"web\"\nimage = \"web:2\"\n",
+    );
+    let t0 = Instant::now();
+    let w = PullWait::new(&s, t0);
+    let why = "pulling web:2: registry 127.0.0.1:5000: connection refused";
+    assert_eq!(w.failed(why, t0 + secs(299)), None);
+    assert_eq!(
+        w.failed(why, t0 + secs(300)),
+        Some(RolloutFailure {
+            generation: 20,
+            app: Some(name("web")),
+            reason: format!("images not pulled within the rollout deadline of 5m: {why}"),
+            rolled_back: true,
+        })
+    );
+    let mut off = s.clone();
+    off.rollout.rollback = false;
+    assert_eq!(PullWait::new(&off, t0).failed(why, t0 + secs(3600)), None, "tried until its images come");
+}
