@@ -55,11 +55,14 @@ pub const REASON_MAX: usize = 1024;
 /// config let in is still read and refused.
 pub const PACKET_LIMIT: usize = 2 * 1024 * 1024;
 /// Domain separation for desired-state signatures of schema `DESIRED_SCHEMA`.
-pub const SIGN_CONTEXT: &[u8] = b"skiff/v1 desired-state schema 2\0";
+pub const SIGN_CONTEXT: &[u8] = b"skiff/v1 desired-state schema 3\0";
+/// The same for schema 2 bodies (read, never written).
+pub const SIGN_CONTEXT_V2: &[u8] = b"skiff/v1 desired-state schema 2\0";
 /// The same for schema 1 bodies (read, never written).
 pub const SIGN_CONTEXT_V1: &[u8] = b"skiff/v1 desired-state\0";
 /// Envelope schema versions of this protocol's payloads, as written.
 /// 2: `AppSpec.pull`, `DesiredBody.replaces`, `Reported.pulls`.
+/// 3: `DesiredState.rollout`, `Reported.rollout` (events 2: kinds `committed`, `rolled-back`).
 pub const DESIRED_SCHEMA: u8 = 3;
 pub const REPORTED_SCHEMA: u8 = 3;
 pub const EVENT_SCHEMA: u8 = 2;
@@ -405,7 +408,11 @@ fn decode_body(schema: u8, body: &[u8]) -> Result<DesiredBody, ProtocolError> {
 }
 
 fn signed_message(schema: u8, body: &[u8]) -> Vec<u8> {
-    let context = if schema == 1 { SIGN_CONTEXT_V1 } else { SIGN_CONTEXT };
+    let context = match schema {
+        1 => SIGN_CONTEXT_V1,
+        2 => SIGN_CONTEXT_V2,
+        _ => SIGN_CONTEXT,
+    };
     let mut m = Vec::with_capacity(context.len() + body.len());
     m.extend_from_slice(context);
     m.extend_from_slice(body);

@@ -258,3 +258,16 @@ fn a_schema_1_event_reads_with_this_build() {
     let e = skiff_common::protocol::decode_event(&bytes).unwrap_err().to_string();
     assert!(e.ends_with("upgrade skiffctl"), "{e}");
 }
+
+#[test]
+fn a_schema_2_body_re_enveloped_as_schema_3_does_not_verify() {
+    // The controller's schema-2 signature covers the schema-2 context only.
+    let bytes = fixture_of("v2", "desired.msg");
+    let (_, payload) = codec::open(&bytes, Kind::SignedDesired, 2..=2, 1 << 20).unwrap();
+    let signed: skiff_common::protocol::SignedDesired = codec::decode_payload(payload).unwrap();
+    let as_3 = codec::encode(Kind::SignedDesired, 3, &signed).unwrap();
+    let key = SigningKey::from_bytes(&[7; 32]).verifying_key();
+    let device = DeviceId::try_from("pi-2").unwrap();
+    let e = open_desired_body(&as_3, &device, &key).unwrap_err();
+    assert!(e.to_string().contains("signature"), "{e}");
+}
