@@ -325,6 +325,67 @@ mod tests {
     }
 
     #[test]
+    fn the_rollout_record_and_the_last_good_state_round_trip_and_a_commit_links() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        let files = s.load_rollout();
+        assert!(files.record.is_none() && files.good.is_none() && files.problems.is_empty());
+        s.save(state("one"), None).unwrap();
+        let one = s.load().unwrap().state;
+        let r = Record { committed: 1, testing: None, failed: None };
+        s.commit(&one, &r).unwrap();
+        let ino = |f: &str| std::fs::metadata(d.path().join(f)).unwrap().ino();
+        assert_eq!(ino("good.skf"), ino("desired.skf"), "a commit of what is stored is a hard link");
+        let files = s.load_rollout();
+        assert_eq!((files.record, files.good), (Some(r.clone()), Some(one.clone())));
+        // A state that is not the stored one is written out.
+        s.save(state("two"), None).unwrap();
+        s.commit(&one, &r).unwrap();
+        assert_ne!(ino("good.skf"), ino("desired.skf"));
+        assert_eq!(s.load_rollout().good, Some(one));
+        // A damaged record is reported and ignored, never trusted.
+        let mut bytes = std::fs::read(d.path().join("rollout.skf")).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(d.path().join("rollout.skf"), &bytes).unwrap();
+        let files = s.load_rollout();
+        assert!(files.record.is_none());
+        assert!(files.problems[0].contains("rollout.skf"), "{:?}", files.problems);
+        // An impossible record is refused on write and on read.
+        let bad = Record { committed: 3, testing: Some((3, 0)), failed: None };
+        assert!(s.save_record(&bad).is_err());
+        let raw = skiff_common::codec::encode(Kind::RolloutRecord, RECORD_SCHEMA, &bad).unwrap();
+        assert!(decode_record(&raw).is_err());
+    }
+
+    #[test]
+    fn the_fuzz_seed_of_the_record_is_a_valid_record() {
+        let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/rollout_record/testing");
+        let r = decode_record(&std::fs::read(seed).unwrap()).unwrap();
+        assert_eq!(r, Record { committed: 1, testing: Some((2, 1)), failed: None });
+    }
+
+    #[test]
+    fn a_failed_generation_applied_again_is_a_new_generation() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        assert_eq!(s.save(state("one"), None).unwrap(), Saved::Written(1));
+        let failed = skiff_common::RolloutFailure {
+            generation: 1,
+            app: None,
+            reason: "x".into(),
+            rolled_back: true,
+        };
+        s.save_record(&Record { committed: 0, testing: None, failed: Some(failed) }).unwrap();
+        assert_eq!(s.save(state("one"), None).unwrap(), Saved::Written(2));
+        // A controller's re-send of the same generation stays unchanged.
+        let mut again = s.load().unwrap().state;
+        again.origin = skiff_common::Origin::Local;
+        assert_eq!(s.save(again, Some(2)).unwrap(), Saved::Unchanged(2));
+    }
+
+    #[test]
     fn generations_grow_unchanged_is_not_written_prev_is_kept() {
         let d = tempfile::tempdir().unwrap();
         let s = StateStore::new(d.path());

@@ -35,7 +35,15 @@
 //!   after a controller state makes it pull busybox plus a 5 MiB or a 50 MiB
 //!   layer (through a real mosquitto and skiffctl) and run it.
 //!
-//! Sections can be picked: `bench start memory mqtt size reconcile board storm registry pull kill9`.
+//! - rollback: a generation whose app exits 1 at once, 10 times: from the
+//!   crash (the app prints the boot clock as it exits) to the last good
+//!   generation's container running again (its process start time, same
+//!   clock), median and max; and the flash writes of one successful update,
+//!   from `skiff apply` to the commit, on a state dir of its own (a loop-mounted
+//!   ext4: the kernel's count of bytes written to the device, journal included,
+//!   and the bytes of the files written).
+//!
+//! Sections can be picked: `bench start memory mqtt size reconcile board storm registry pull kill9 rollback`.
 
 use serde_json::Value;
 use skiff_tests::agent::{eventually, repo, wait_for, Sandbox};
@@ -92,6 +100,120 @@ fn main() {
     if run("pull") {
         pull();
     }
+    if run("rollback") {
+        rollback(10);
+    }
+}
+
+const RB_GOOD: &str = "[rollout]\nstable = \"1s\"\n[[app]]\nname = \"web\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"SECS\"]\n";
+const RB_BAD: &str = "[rollout]\nstable = \"30s\"\n[[app]]\nname = \"web\"\nimage = \"busybox:1\"\ncommand = [\"sh\", \"-c\", \"cat /proc/uptime; exit 1\"]\n";
+
+fn rollout_of(sb: &Sandbox) -> Value {
+    sb.ps()["rollout"].clone()
+}
+
+/// Applies a good state (a new command each time) and waits for its commit.
+fn commit_good(sb: &Sandbox, secs: u64) -> u64 {
+    sb.apply(&RB_GOOD.replace("SECS", &secs.to_string()));
+    let g = sb.ps()["generation"].as_u64().unwrap();
+    let g = wait_for(Duration::from_secs(60), "a commit", || {
+        let r = rollout_of(sb);
+        (r["testing"].is_null() && r["committed"].as_u64() >= Some(g)).then(|| r["committed"].as_u64().unwrap())
+    });
+    g
+}
+
+fn boot_ms_of_pid(pid: i64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let ticks: f64 = after.split(' ').nth(19).unwrap().parse().unwrap();
+    ticks * 1000.0 / 100.0
+}
+
+fn rollback(n: usize) {
+    println!("== rollback: a generation whose app exits 1 at once, {n} times");
+    let mut sb = Sandbox::new();
+    sb.start_agent();
+    let mut back = Vec::new();
+    for i in 0..n {
+        let secs = 3600 + i as u64;
+        commit_good(&sb, secs);
+        let good_pid = sb.wait_running("web")["pid"].clone();
+        let before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let before = before.split(' ').take(3).collect::<Vec<_>>().join(" ");
+        sb.apply(RB_BAD);
+        let failed = wait_for(Duration::from_secs(60), "the rollback", || {
+            let r = rollout_of(&sb);
+            (r["failed"]["rolled_back"] == true && r["committed"].as_u64().is_some()).then_some(r)
+        });
+        // The last good generation's container, a new one: the same command as before.
+        let web = sb.wait_app("web", Duration::from_secs(30), "back", |a| {
+            a["phase"] == "running"
+                && a["pid"].is_i64()
+                && a["pid"] != good_pid
+                && std::fs::read(format!("/proc/{}/cmdline", a["pid"])).is_ok_and(|c| {
+                    String::from_utf8_lossy(&c).replace('\0', " ").trim() == format!("sleep {secs}")
+                })
+        });
+        let log = sb.logs("web");
+        let crash_s: f64 = log
+            .lines()
+            .rev()
+            .find_map(|l| l.split(' ').next().and_then(|w| w.parse::<f64>().ok()))
+            .expect("the crash's boot clock in the log");
+        let ms = boot_ms_of_pid(web["pid"].as_i64().unwrap()) - crash_s * 1000.0;
+        println!("  run {i}: {ms:.0} ms ({}; load {before})", failed["failed"]["reason"]);
+        back.push(ms);
+    }
+    let (median, p95, min) = stats(back);
+    println!(
+        "  crash -> last good generation running again: median {median:.0} ms, p95 {p95:.0} ms, min {min:.0} ms (10 ms clock)"
+    );
+    drop(sb);
+    flash_of_one_update();
+}
+
+/// Bytes written to flash by one successful update, on an ext4 of its own.
+fn flash_of_one_update() {
+    let mut sb = Sandbox::new();
+    let img = sb.dir.path().join("flash.img");
+    let state = sb.state_dir();
+    let run = |c: &mut Command| {
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{c:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // The images the sandbox loaded move onto the new file system.
+    let saved = sb.dir.path().join("state.saved");
+    std::fs::rename(&state, &saved).unwrap();
+    run(Command::new("truncate").args(["-s", "256M"]).arg(&img));
+    run(Command::new("mkfs.ext4").args(["-q", "-E", "lazy_itable_init=0,lazy_journal_init=0"]).arg(&img));
+    std::fs::create_dir_all(&state).unwrap();
+    run(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&state));
+    run(Command::new("cp").arg("-a").arg(format!("{}/.", saved.display())).arg(&state));
+    let dev = run(Command::new("findmnt").args(["-n", "-o", "SOURCE"]).arg(&state));
+    let counter = PathBuf::from(format!("/sys/fs/ext4/{}/lifetime_write_kbytes", Path::new(&dev).file_name().unwrap().to_string_lossy()));
+    let kbytes = || std::fs::read_to_string(&counter).unwrap().trim().parse::<u64>().unwrap();
+    sb.start_agent();
+    commit_good(&sb, 3600);
+    run(Command::new("sync").arg("-f").arg(&state));
+    std::thread::sleep(Duration::from_secs(2));
+    let sizes = |f: &str| std::fs::metadata(state.join(f)).map(|m| m.len()).unwrap_or(0);
+    let k0 = kbytes();
+    commit_good(&sb, 3700);
+    run(Command::new("sync").arg("-f").arg(&state));
+    std::thread::sleep(Duration::from_secs(2));
+    let k1 = kbytes();
+    let (desired, record) = (sizes("desired.skf"), sizes("rollout.skf"));
+    println!(
+        "  one successful update, apply -> commit: {} KiB written to the device (ext4 lifetime_write_kbytes, journal and metadata included); files: desired.skf {desired} B (written once), rollout.skf {record} B (written twice: on test, committed), good.skf and desired.prev.skf hard links (0 B): {} B of file data",
+        k1 - k0,
+        desired + 2 * record
+    );
+    sb.stop_agent();
+    skiff_tests::agent::kill_everything(sb.dir.path(), &sb.cgroup_root);
+    // kill_everything unmounts what is below the sandbox; this is for a bench that failed half-way.
+    let _ = Command::new("umount").arg(&state).output();
 }
 
 /// A layer tar of one file of `len` incompressible bytes.
