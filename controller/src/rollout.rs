@@ -16,7 +16,7 @@
 
 use skiff_common::protocol::{DesiredBody, DeviceId, Reported};
 use skiff_common::validate::MAX_GENERATION;
-use skiff_common::{DesiredState, RolloutFailure};
+use skiff_common::{DesiredState, Origin, RolloutFailure};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Duration;
@@ -197,9 +197,11 @@ impl Progress {
     }
 }
 
-/// Same apps and same `[rollout]`: the generation and origin do not count.
+/// Same apps and same `[rollout]` (everything a state says): the generation
+/// and origin do not count.
 pub fn same_content(a: &DesiredState, b: &DesiredState) -> bool {
-    a.apps == b.apps && a.rollout == b.rollout
+    let plain = |s: &DesiredState| DesiredState { generation: 0, origin: Origin::Controller, ..s.clone() };
+    plain(a) == plain(b)
 }
 
 /// Where `seen` stands with `target`'s content.

@@ -348,6 +348,30 @@ async fn a_killed_controller_continues_without_sending_twice() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_wave_that_does_not_commit_in_time_stops_the_rollout() -> Result<()> {
+    let w = World::new(|n| {
+        if n == "pi-1" {
+            Arc::new(|s: &DesiredState| if is_new(s) { Verdict::Hold } else { Verdict::Commit })
+        } else {
+            always_commit()
+        }
+    })
+    .await?;
+    let new = w.path("new.toml");
+    let mut args = rollout_args(&new, &["--stable", "300ms"]);
+    let at = args.iter().position(|a| *a == "60s").unwrap();
+    args[at] = "2s";
+    let out = w.skiffctl(&args).await?;
+    assert_eq!(out.code, Some(5), "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("rollout timed out in wave 1/3: pi-1 testing"), "{}", out.stderr);
+    assert_eq!(w.new_states("pi-1").len(), 1);
+    for n in &NAMES[1..] {
+        assert!(w.new_states(n).is_empty(), "{n} is not in wave 1");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn bad_waves_and_resume_of_nothing_are_refused() -> Result<()> {
     let w = World::new(|_| always_commit()).await?;
     let new = w.path("new.toml");
