@@ -478,7 +478,8 @@ impl Planner {
         let generation = self.next_generation(unix_now)?;
         let mut abort = Abort { generation, ..Abort::default() };
         for device in &self.devices[range] {
-            if self.progress_of(device) == Progress::NotSent {
+            // Sent by this run counts even before the broker echoed it.
+            if self.progress_of(device) == Progress::NotSent && !self.previous.contains_key(device) {
                 continue;
             }
             match self.previous.get(device).cloned().flatten() {

@@ -43,6 +43,11 @@ impl World {
     /// The broker, keys, fleet file, six devices judged by `judge(name)`,
     /// and OLD applied to all of them and committed.
     async fn new(judge: impl Fn(&str) -> Judge) -> Result<World> {
+        World::with(judge, &[]).await
+    }
+
+    /// `new`, with the devices in `legacy` playing agents before rollouts.
+    async fn with(judge: impl Fn(&str) -> Judge, legacy: &[&str]) -> Result<World> {
         let broker = Broker::start(&NAMES)?;
         let dir = tempfile::tempdir()?;
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_skiffctl"))
@@ -60,7 +65,11 @@ impl World {
         std::fs::write(dir.path().join("new.toml"), NEW)?;
         let mut devices = Vec::new();
         for n in NAMES {
-            devices.push(SimDevice::start(&broker, n, key, judge(n)).await?);
+            devices.push(if legacy.contains(&n) {
+                SimDevice::start_legacy(&broker, n, key).await?
+            } else {
+                SimDevice::start(&broker, n, key, judge(n)).await?
+            });
         }
         let mut w = World { broker, dir, devices, old: 0 };
         let out = w.skiffctl(&["apply", "-f", &w.path("old.toml"), "--group", "line-3"]).await?;
@@ -368,6 +377,29 @@ async fn a_wave_that_does_not_commit_in_time_stops_the_rollout() -> Result<()> {
     for n in &NAMES[1..] {
         assert!(w.new_states(n).is_empty(), "{n} is not in wave 1");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_before_rollouts_counts_as_committed_once_applied() -> Result<()> {
+    let w = World::with(|_| always_commit(), &["pi-2"]).await?;
+    let out = w.skiffctl(&rollout_args(&w.path("new.toml"), &["--stable", "300ms"])).await?;
+    ensure!(out.code == Some(0), "rollout: {}\n{}", out.stdout, out.stderr);
+    let g = w.new_states("pi-2")[0].generation;
+    assert!(
+        out.stdout.contains(&format!(
+            "pi-2: applied generation {g} (an agent before rollouts: committed at once, not tested)"
+        )),
+        "{}",
+        out.stdout
+    );
+    let table = w.skiffctl(&["status"]).await?;
+    let row = table.stdout.lines().find(|l| l.starts_with("pi-2 ")).unwrap_or_default();
+    assert!(row.contains(&format!("{g} (untested)")), "{}", table.stdout);
+    assert!(table.stdout.contains("pi-2: agent before rollouts (report schema 2)"), "{}", table.stdout);
+    let status = w.status().await?;
+    let pi2 = status.iter().find(|d| d["device"] == "pi-2").unwrap();
+    assert_eq!((pi2["reported_schema"].as_u64(), pi2["committed_generation"].as_u64()), (Some(2), Some(g)));
     Ok(())
 }
 

@@ -15,10 +15,14 @@
 //!
 //! Everything a device verified is kept in `received`, so a test can say
 //! exactly what was sent to whom.
+//!
+//! `start_legacy` plays an agent of the release before rollouts: it reports
+//! schema 2 (no rollout fields) and runs every state as it comes.
 
 use crate::mqtt::{Broker, RawClient};
 use anyhow::{bail, Result};
 use rumqttc::QoS;
+use skiff_common::codec::{self, Kind};
 use skiff_common::protocol::{
     encode_reported, open_desired_body, topic, Channel, DeviceId, Rejection, Reported, VerifyingKey,
 };
@@ -79,6 +83,21 @@ impl SimDevice {
         controller: VerifyingKey,
         judge: Judge,
     ) -> Result<SimDevice> {
+        SimDevice::spawn(broker, name, controller, judge, false).await
+    }
+
+    /// A device whose agent predates rollouts (reports of schema 2).
+    pub async fn start_legacy(broker: &Broker, name: &str, controller: VerifyingKey) -> Result<SimDevice> {
+        SimDevice::spawn(broker, name, controller, always_commit(), true).await
+    }
+
+    async fn spawn(
+        broker: &Broker,
+        name: &str,
+        controller: VerifyingKey,
+        judge: Judge,
+        legacy: bool,
+    ) -> Result<SimDevice> {
         let id = DeviceId::try_from(name)?;
         let mut client = broker.raw_client(name, name, broker.device_port, true)?;
         client.connected(1).await?;
@@ -89,7 +108,8 @@ impl SimDevice {
         }
         let (log_tx, log) = watch::channel(DeviceLog::default());
         let (release, release_rx) = watch::channel(false);
-        let task = tokio::spawn(run(id.clone(), client, controller, judge, log_tx, release_rx));
+        let link = Link { client, id: id.clone(), legacy };
+        let task = tokio::spawn(run(link, controller, judge, log_tx, release_rx));
         Ok(SimDevice { id, log, release, task })
     }
 
@@ -130,16 +150,23 @@ impl Drop for SimDevice {
     }
 }
 
-async fn run(
+/// The device's connection, and the schema it reports in.
+struct Link {
+    client: RawClient,
     id: DeviceId,
-    mut client: RawClient,
+    legacy: bool,
+}
+
+async fn run(
+    mut client: Link,
     key: VerifyingKey,
     judge: Judge,
     log: watch::Sender<DeviceLog>,
     mut release: watch::Receiver<bool>,
 ) {
+    let id = client.id.clone();
     let mut rejection: Option<Rejection> = None;
-    while let Some(p) = client.rx.recv().await {
+    while let Some(p) = client.client.rx.recv().await {
         if p.payload.is_empty() {
             continue;
         }
@@ -164,7 +191,7 @@ async fn run(
             l.received_at.push(Instant::now());
             l.applied = g;
         });
-        if before.committed == 0 {
+        if before.committed == 0 || client.legacy {
             let now = RolloutStatus { committed: g, testing: None, failed: before.failed.clone() };
             if publish(&client, &id, g, now, &rejection, &log).await.is_err() {
                 return;
@@ -206,7 +233,7 @@ async fn run(
 }
 
 async fn publish(
-    client: &RawClient,
+    client: &Link,
     id: &DeviceId,
     applied: u64,
     rollout: RolloutStatus,
@@ -223,9 +250,9 @@ async fn publish(
     Ok(())
 }
 
-/// Publishes the retained schema-3 report.
+/// Publishes the retained report (schema 3, or 2 for a legacy device).
 async fn report(
-    client: &RawClient,
+    link: &Link,
     id: &DeviceId,
     applied: u64,
     rollout: RolloutStatus,
@@ -242,6 +269,21 @@ async fn report(
         pulls: Vec::new(),
         rollout,
     };
-    client.client.publish(topic(id, Channel::Reported), QoS::AtLeastOnce, true, encode_reported(&r)?).await?;
+    let payload = if link.legacy {
+        let old = skiff_common::v2::Reported {
+            device: r.device,
+            generation_applied: r.generation_applied,
+            origin: r.origin,
+            apps: r.apps,
+            agent_version: r.agent_version,
+            last_rejection: r.last_rejection,
+            sent_unix: r.sent_unix,
+            pulls: r.pulls,
+        };
+        codec::encode(Kind::Reported, 2, &old)?
+    } else {
+        encode_reported(&r)?
+    };
+    link.client.client.publish(topic(id, Channel::Reported), QoS::AtLeastOnce, true, payload).await?;
     Ok(())
 }

@@ -271,6 +271,25 @@ fn abort_on_failure_resends_the_previous_state_of_the_wave_above_all_generations
 }
 
 #[test]
+fn abort_reaches_a_device_whose_send_the_broker_has_not_echoed_yet() {
+    let mut p = planner(2, "100%", true);
+    let t0 = Instant::now();
+    let a = p.step(t0, UNIX).unwrap();
+    // Only pi-2's state has come back; pi-2 fails at once.
+    echo(&mut p, &a[2..3]);
+    assert_eq!(a[2], send("pi-2", UNIX));
+    p.reported(&dev("pi-2"), report(&dev("pi-2"), UNIX, failed(5, UNIX)), 3);
+    let a = p.step(t0, UNIX).unwrap();
+    let o = done(&a);
+    assert_eq!(o.abort.as_ref().unwrap().resent, vec![dev("pi-1"), dev("pi-2")]);
+    assert!(a.contains(&Action::Send {
+        device: dev("pi-1"),
+        state: with_gen(state("old"), UNIX + 1),
+        rollback: true
+    }));
+}
+
+#[test]
 fn a_restarted_controller_sends_nothing_twice_and_continues() {
     // The first run sent wave 1 and half of wave 2, then died.
     let mut p = planner(6, "1,50%,100%", true);
