@@ -205,7 +205,10 @@ pub async fn rollout(args: RolloutArgs) -> Result<()> {
                         row_json(&Row { device: device.clone(), wave: 0, progress: progress.clone() });
                     j["event"] = json!("progress");
                     j.as_object_mut().expect("object").remove("wave");
-                    say(args.json, &progress_line(&device, &progress), j);
+                    // A person saw "sent" already; machines get every step.
+                    if args.json || !matches!(progress, Progress::Pending { .. }) {
+                        say(args.json, &progress_line(&device, &progress), j);
+                    }
                 }
                 Action::WaveDone { wave } => say(
                     args.json,

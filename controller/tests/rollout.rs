@@ -210,6 +210,7 @@ async fn three_waves_commit_one_after_the_other() -> Result<()> {
 async fn a_rollback_in_wave_two_stops_before_wave_three() -> Result<()> {
     let w = World::new(pi3_fails).await?;
     let out = w.skiffctl(&rollout_args(&w.path("new.toml"), &["--stable", "300ms"])).await?;
+    println!("{}{}", out.stdout, out.stderr);
     assert_eq!(out.code, Some(4), "rollout: {}\n{}", out.stdout, out.stderr);
     let g = w.new_states("pi-3")[0].generation;
     let why = format!("pi-3 generation {g} rolled back (app web): exited with code 1 three times");
