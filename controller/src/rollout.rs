@@ -255,6 +255,9 @@ pub struct Row {
     /// 1-based; 0 for devices of the group in no wave.
     pub wave: usize,
     pub progress: Progress,
+    /// Its agent reports a schema before rollouts (such an agent refuses
+    /// states of schema 3: it must be upgraded first).
+    pub legacy: bool,
 }
 
 /// What `--abort-on-failure` did to the stopped wave.
@@ -501,7 +504,12 @@ impl Planner {
             .devices
             .iter()
             .enumerate()
-            .map(|(i, d)| Row { device: d.clone(), wave: wave_of(i), progress: self.progress_of(d) })
+            .map(|(i, d)| Row {
+                device: d.clone(),
+                wave: wave_of(i),
+                progress: self.progress_of(d),
+                legacy: self.seen[d].reported.is_some() && self.seen[d].reported_schema < 3,
+            })
             .collect();
         Outcome {
             verdict,

@@ -201,8 +201,12 @@ pub async fn rollout(args: RolloutArgs) -> Result<()> {
                     );
                 }
                 Action::Progress { device, progress } => {
-                    let mut j =
-                        row_json(&Row { device: device.clone(), wave: 0, progress: progress.clone() });
+                    let mut j = row_json(&Row {
+                        device: device.clone(),
+                        wave: 0,
+                        progress: progress.clone(),
+                        legacy: false,
+                    });
                     j["event"] = json!("progress");
                     j.as_object_mut().expect("object").remove("wave");
                     // A person saw "sent" already; machines get every step.
@@ -375,7 +379,7 @@ fn row_json(r: &Row) -> serde_json::Value {
         "wave": r.wave,
         "state": r.progress.word(),
         "generation": r.progress.generation(),
-        "legacy": matches!(r.progress, Progress::Committed { legacy: true, .. }),
+        "legacy": r.legacy || matches!(r.progress, Progress::Committed { legacy: true, .. }),
         "app": app,
         "reason": reason,
         "rolled_back": rolled_back,
@@ -447,7 +451,13 @@ fn render_summary(o: &Outcome) -> String {
             if r.wave == 0 { "-".into() } else { r.wave.to_string() },
             r.progress.generation().map_or("-".into(), |g| g.to_string()),
             r.progress.word().to_string(),
-            detail(&r.progress),
+            match &r.progress {
+                Progress::Pending { .. } if r.legacy => {
+                    "its agent predates rollouts (report schema 2) and refuses schema-3 states: upgrade it"
+                        .into()
+                }
+                p => detail(p),
+            },
         ]);
     }
     let mut out = table(&rows);
@@ -477,4 +487,64 @@ fn render_summary(o: &Outcome) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::Abort;
+    use skiff_common::{AppName, RolloutFailure};
+
+    #[test]
+    fn the_summary_names_each_device_state_and_why() {
+        let dev = |s: &str| DeviceId::try_from(s).unwrap();
+        let failure = RolloutFailure {
+            generation: 9,
+            app: Some(AppName::try_from("web").unwrap()),
+            reason: "exited with code 1".into(),
+            rolled_back: true,
+        };
+        let o = Outcome {
+            verdict: Verdict::Failed,
+            wave: 1,
+            waves: 2,
+            generation: Some(9),
+            rows: vec![
+                Row {
+                    device: dev("pi-1"),
+                    wave: 1,
+                    progress: Progress::Failed { generation: 9, failure },
+                    legacy: false,
+                },
+                Row {
+                    device: dev("pi-2"),
+                    wave: 1,
+                    progress: Progress::Pending { generation: 9 },
+                    legacy: true,
+                },
+                Row { device: dev("pi-3"), wave: 2, progress: Progress::NotSent, legacy: false },
+            ],
+            abort: Some(Abort { resent: vec![dev("pi-1")], generation: 10, unknown: vec![dev("pi-2")] }),
+        };
+        let out = render_summary(&o);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "DEVICE  WAVE  GENERATION  STATE        DETAIL");
+        assert_eq!(
+            lines[1],
+            "pi-1    1     9           rolled-back  generation 9 rolled back (app web): exited with code 1"
+        );
+        assert_eq!(
+            lines[2],
+            "pi-2    1     9           pending      its agent predates rollouts (report schema 2) and refuses schema-3 states: upgrade it"
+        );
+        assert_eq!(lines[3], "pi-3    2     -           not-sent");
+        assert_eq!(lines[4], "aborted: pi-1 sent their previous state again as generation 10");
+        assert!(lines[5].starts_with("not rolled back: pi-2 (sent the new state by an earlier run"), "{out}");
+        let err = finish(&o, false).unwrap_err();
+        assert_eq!(err.downcast_ref::<Stopped>().unwrap().code, EXIT_FAILED);
+        assert_eq!(
+            err.to_string(),
+            "rollout stopped in wave 1/2: pi-1 generation 9 rolled back (app web): exited with code 1"
+        );
+    }
 }

@@ -190,7 +190,7 @@ fn render(views: &[DeviceView], now: u64) -> String {
         }
         if legacy(v) {
             out.push_str(&format!(
-                "  {}: agent before rollouts (report schema {}): generations are not tested, each counts as committed once applied\n",
+                "  {}: agent before rollouts (report schema {}): generations are not tested, each counts as committed once applied; it refuses schema-3 states (upgrade it)\n",
                 v.device,
                 v.reported_schema.unwrap_or(0)
             ));
