@@ -222,5 +222,7 @@ fn stopping_fifty_apps_at_once_takes_no_thread_per_stop() {
         sb.ps()["apps"].as_array().unwrap().is_empty().then_some(())
     });
     eprintln!("agent threads: idle {idle}, peak during the grace period {in_grace}, peak until all removed {overall}");
-    assert!(in_grace <= idle + 2, "{N} stops took threads: {idle} idle, {in_grace} while stopping");
+    // A few blocking-pool threads serve the apply itself (the state file);
+    // a thread per signal would be dozens (32 at the peak when it was so).
+    assert!(in_grace <= idle + 8, "{N} stops took threads: {idle} idle, {in_grace} while stopping");
 }
