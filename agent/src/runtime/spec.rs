@@ -499,3 +499,137 @@ mod tests {
         assert_eq!(s["process"]["user"], json!({"uid": 1000, "gid": 1000}));
     }
 }
+
+/// The spec of representative apps, compared with the `config.json` skiff
+/// wrote for them before the spec went through typed builders
+/// (`spec_fixtures/`). A change here is a change in what every container
+/// gets: set `SKIFF_BLESS_SPEC=1` to rewrite the fixtures, then review their diff.
+#[cfg(test)]
+mod golden {
+    use super::*;
+    use skiff_common::toml_file;
+    use std::path::PathBuf;
+
+    struct Case {
+        name: &'static str,
+        toml: &'static str,
+        cgroups: CgroupVersion,
+        devices: bool,
+        image_user: Option<&'static str>,
+        default_memory: Option<u64>,
+    }
+
+    const BASE: Case = Case {
+        name: "",
+        toml: "",
+        cgroups: CgroupVersion::V2,
+        devices: false,
+        image_user: None,
+        default_memory: None,
+    };
+
+    const LIMITS: &str = "command = [\"httpd\", \"-f\", \"-p\", \"8080\"]\n\
+        env = { MODE = \"prod\", PATH = \"/usr/bin:/bin\" }\n\
+        workdir = \"/srv\"\n\
+        devices = [\"/dev/ttyUSB0\", \"/dev/sda\"]\n\
+        mounts = [{ source = \"/var/lib/skiff/volumes/web\", target = \"/data\" }, { source = \"/etc/ssl\", target = \"/etc/ssl\", readonly = true }]\n\
+        [app.resources]\ncpus = 0.25\nmemory = \"64Mi\"\npids = 100\n\
+        [app.liveness]\nhttp = { port = 8080, path = \"/\" }\n\
+        [app.readiness]\nexec = [\"cat\", \"/tmp/ok\"]\n";
+
+    const SECURITY: &str = "user = \"1000:100\"\nread_only_rootfs = true\n\
+        cap_add = [\"SYS_TIME\", \"NET_RAW\", \"MKNOD\"]\ncap_drop = [\"CHOWN\", \"SETFCAP\"]\n\
+        no_new_privileges = false\nsecurity.seccomp = \"unconfined\"\n";
+
+    const CASES: &[Case] = &[
+        Case { name: "default_v2", ..BASE },
+        Case { name: "default_v1", cgroups: CgroupVersion::V1, ..BASE },
+        Case { name: "limits_devices_mounts_probes_v1", toml: LIMITS, cgroups: CgroupVersion::V1, devices: true, ..BASE },
+        Case { name: "limits_devices_mounts_probes_v2", toml: LIMITS, devices: true, ..BASE },
+        Case { name: "user_readonly_caps_v2", toml: SECURITY, ..BASE },
+        Case { name: "user_readonly_caps_v1", toml: SECURITY, cgroups: CgroupVersion::V1, ..BASE },
+        Case {
+            name: "drop_all_image_user_v1",
+            toml: "cap_drop = [\"ALL\"]\ncap_add = [\"KILL\", \"NET_BIND_SERVICE\"]\nenv = { MODE = \"test\" }\n",
+            cgroups: CgroupVersion::V1,
+            image_user: Some("5:7"),
+            ..BASE
+        },
+        Case { name: "network_none_v2", toml: "network = \"none\"\n", ..BASE },
+        Case { name: "network_none_v1", toml: "network = \"none\"\n", cgroups: CgroupVersion::V1, ..BASE },
+        Case { name: "default_memory_v2", default_memory: Some(256 << 20), ..BASE },
+    ];
+
+    fn devices() -> Vec<HostDevice> {
+        vec![
+            HostDevice {
+                path: "/dev/ttyUSB0".into(),
+                kind: 'c',
+                major: 188,
+                minor: 0,
+                mode: 0o20660,
+                uid: 0,
+                gid: 20,
+            },
+            HostDevice {
+                path: "/dev/sda".into(),
+                kind: 'b',
+                major: 8,
+                minor: 0,
+                mode: 0o60640,
+                uid: 0,
+                gid: 6,
+            },
+        ]
+    }
+
+    fn built(case: &Case) -> Value {
+        let text = format!("[[app]]\nname = \"web\"\nimage = \"busybox:1\"\n{}", case.toml);
+        let app = with_default_memory(&toml_file::parse(&text).unwrap().apps.remove(0), case.default_memory);
+        let image = ImageConfig {
+            env: vec!["PATH=/usr/local/bin:/bin".into(), "MODE=dev".into(), "LANG=C.UTF-8".into()],
+            entrypoint: vec!["/entry.sh".into()],
+            cmd: vec!["serve".into(), "--port=80".into()],
+            workdir: Some("/app".into()),
+            user: case.image_user.map(Into::into),
+        };
+        let devices = if case.devices { devices() } else { Vec::new() };
+        build(&SpecInputs {
+            app: &app,
+            image: &image,
+            rootfs: "/run/skiff/apps/web/3/rootfs",
+            cgroup_path: "/skiff/web",
+            cgroups: case.cgroups,
+            devices: &devices,
+            host_files: &[
+                ("/run/systemd/resolve/stub-resolv.conf".into(), "/etc/resolv.conf".into()),
+                ("/etc/hosts".into(), "/etc/hosts".into()),
+            ],
+            host_masked: &thermal_paths(["cpu0", "cpu1"]),
+        })
+        .unwrap()
+    }
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("src/runtime/spec_fixtures")
+            .join(format!("{name}.json"))
+    }
+
+    #[test]
+    fn specs_match_the_fixtures() {
+        let bless = std::env::var_os("SKIFF_BLESS_SPEC").is_some();
+        for case in CASES {
+            let got = built(case);
+            let path = fixture(case.name);
+            if bless {
+                let mut text = serde_json::to_string_pretty(&got).unwrap();
+                text.push('\n');
+                std::fs::write(&path, text).unwrap();
+                continue;
+            }
+            let want: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            assert_eq!(got, want, "{}", case.name);
+        }
+    }
+}
