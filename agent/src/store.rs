@@ -371,12 +371,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = StateStore::new(d.path());
         assert_eq!(s.save(state("one"), None).unwrap(), Saved::Written(1));
-        let failed = skiff_common::RolloutFailure {
-            generation: 1,
-            app: None,
-            reason: "x".into(),
-            rolled_back: true,
-        };
+        let failed =
+            skiff_common::RolloutFailure { generation: 1, app: None, reason: "x".into(), rolled_back: true };
         s.save_record(&Record { committed: 0, testing: None, failed: Some(failed) }).unwrap();
         assert_eq!(s.save(state("one"), None).unwrap(), Saved::Written(2));
         // A controller's re-send of the same generation stays unchanged.

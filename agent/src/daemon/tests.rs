@@ -639,17 +639,17 @@ async fn a_generation_that_fails_its_test_is_rolled_back_and_a_healthy_one_is_co
     let h = Harness::start(state(1, Origin::Local, &[("web", "web:1")]), &images);
     h.until("web:1 running", |h| h.running() == [("web".into(), "web:1".into())]).await;
     // The first state of a board has nothing to go back to: trusted at once.
-    h.until("generation 1 committed", |h| h.good() == Some(1)).await;
-    assert_eq!(h.record().committed, 1);
+    h.until("generation 1 committed", |h| h.good() == Some(1) && h.record().committed == 1).await;
 
     let _answer = h.offer(state(2, Origin::Controller, &[("web", "web:2")])).await;
     h.until("web:2 running", |h| h.running() == [("web".into(), "web:2".into())]).await;
     let ps = h.ps().await;
     assert_eq!(ps.rollout.as_ref().map(|r| (r.committed, r.testing)), Some((1, Some(2))));
-    assert_eq!(h.record().testing, Some((2, 0)), "the test is on flash");
+    h.until("the test on flash", |h| h.record().testing == Some((2, 0))).await;
 
     h.crash("web", 1);
     h.until("web:1 back", |h| h.running() == [("web".into(), "web:1".into())]).await;
+    h.until("the failure on flash", |h| h.record().failed.is_some()).await;
     let failed = skiff_common::RolloutFailure {
         generation: 2,
         app: Some(name("web")),
@@ -670,7 +670,7 @@ async fn a_generation_that_fails_its_test_is_rolled_back_and_a_healthy_one_is_co
 
     // A newer generation is tried, passes its (short) window and is committed.
     let _answer = h.offer(stable(state(3, Origin::Controller, &[("web", "web:3")]), 200)).await;
-    h.until("generation 3 committed", |h| h.good() == Some(3)).await;
+    h.until("generation 3 committed", |h| h.good() == Some(3) && h.record().committed == 3).await;
     assert_eq!(h.running(), [("web".into(), "web:3".into())]);
     let r = h.record();
     assert_eq!((r.committed, r.testing), (3, None));
@@ -706,7 +706,7 @@ async fn a_failed_generation_is_not_run_again_at_start_and_a_test_resumes_until_
         |h| on_flash(h, crate::rollout::Record { committed: 1, testing: Some((2, 1)), failed: None }),
     );
     h.until("web:2 running", |h| h.running() == [("web".into(), "web:2".into())]).await;
-    assert_eq!(h.record().testing, Some((2, 2)));
+    h.until("the second start on flash", |h| h.record().testing == Some((2, 2))).await;
     h.shutdown().await;
 
     // Third start while on test: back to the last good one, and said why.
@@ -716,6 +716,7 @@ async fn a_failed_generation_is_not_run_again_at_start_and_a_test_resumes_until_
         |h| on_flash(h, crate::rollout::Record { committed: 1, testing: Some((2, 2)), failed: None }),
     );
     h.until("web:1 running", |h| h.running() == [("web".into(), "web:1".into())]).await;
+    h.until("the failure on flash", |h| h.record().failed.is_some()).await;
     let r = h.record();
     assert_eq!((r.committed, r.testing), (1, None));
     let f = r.failed.unwrap();
@@ -744,7 +745,8 @@ async fn a_generation_whose_image_does_not_come_within_the_deadline_is_given_up_
     h.until("the pull", |h| h.images.gates.lock().unwrap().contains_key("web:2")).await;
     h.release("web:2", Err(why.into()));
     assert_eq!(answer.await.unwrap(), Ok(()));
-    let f = h.record().failed.expect("a failure on flash");
+    h.until("the failure on flash", |h| h.record().failed.is_some()).await;
+    let f = h.record().failed.unwrap();
     assert_eq!((f.generation, f.app.clone(), f.rolled_back), (2, Some(name("web")), true));
     assert_eq!(
         f.reason,

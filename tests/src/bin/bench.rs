@@ -125,11 +125,11 @@ fn rollout_of(sb: &Sandbox) -> Value {
 fn commit_good(sb: &Sandbox, secs: u64) -> u64 {
     sb.apply(&RB_GOOD.replace("SECS", &secs.to_string()));
     let g = sb.ps()["generation"].as_u64().unwrap();
-    let g = wait_for(Duration::from_secs(60), "a commit", || {
+    wait_for(Duration::from_secs(60), "a commit", || {
         let r = rollout_of(sb);
-        (r["testing"].is_null() && r["committed"].as_u64() >= Some(g)).then(|| r["committed"].as_u64().unwrap())
-    });
-    g
+        (r["testing"].is_null() && r["committed"].as_u64() >= Some(g))
+            .then(|| r["committed"].as_u64().unwrap())
+    })
 }
 
 fn boot_ms_of_pid(pid: i64) -> f64 {
@@ -201,7 +201,10 @@ fn flash_of_one_update() {
     run(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&state));
     run(Command::new("cp").arg("-a").arg(format!("{}/.", saved.display())).arg(&state));
     let dev = run(Command::new("findmnt").args(["-n", "-o", "SOURCE"]).arg(&state));
-    let counter = PathBuf::from(format!("/sys/fs/ext4/{}/lifetime_write_kbytes", Path::new(&dev).file_name().unwrap().to_string_lossy()));
+    let counter = PathBuf::from(format!(
+        "/sys/fs/ext4/{}/lifetime_write_kbytes",
+        Path::new(&dev).file_name().unwrap().to_string_lossy()
+    ));
     let kbytes = || std::fs::read_to_string(&counter).unwrap().trim().parse::<u64>().unwrap();
     sb.start_agent();
     commit_good(&sb, 3600);
