@@ -241,7 +241,8 @@ impl Trial {
         }
     }
 
-    /// Judges the apps' status at `now`: a verdict, or `None` while the test goes on.
+    /// Judges the apps' status (sorted by name, as `Reconciler::status` gives
+    /// it) at `now`: a verdict, or `None` while the test goes on.
     pub fn observe(&mut self, status: &[AppStatus], now: Instant) -> Option<Verdict> {
         if let Some(app) = self.killed.clone() {
             let reason = self.trouble.get(&app).cloned().unwrap_or_default();
@@ -249,7 +250,9 @@ impl Trial {
         }
         let mut first_unready: Option<&AppName> = None;
         for (name, restart) in &self.apps {
-            let Some(s) = status.iter().find(|s| &s.name == name) else {
+            // `status` is sorted by name (the reconciler's order): a search, not a scan.
+            let found = status.binary_search_by(|s| s.name.cmp(name)).ok().map(|i| &status[i]);
+            let Some(s) = found else {
                 first_unready.get_or_insert(name);
                 continue;
             };

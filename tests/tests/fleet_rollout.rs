@@ -85,8 +85,11 @@ fn a_three_wave_rollout_stops_after_the_wave_where_a_real_agent_rolled_back() {
     let out = Command::new(skiffctl_bin()).args(["keygen", "--out"]).arg(dir.path()).output().unwrap();
     assert!(out.status.success());
     let list: Vec<String> = NAMES.iter().map(|n| format!("{n:?}")).collect();
-    std::fs::write(dir.path().join("fleet.toml"), format!("[group.line-3]\ndevices = [{}]\n", list.join(", ")))
-        .unwrap();
+    std::fs::write(
+        dir.path().join("fleet.toml"),
+        format!("[group.line-3]\ndevices = [{}]\n", list.join(", ")),
+    )
+    .unwrap();
     busybox_variant(&dir.path().join("good"), "2", "good", 16, 1);
     busybox_variant(&dir.path().join("bad"), "2", "bad", 16, 2);
     let mut agents = Vec::new();
@@ -122,7 +125,13 @@ fn a_three_wave_rollout_stops_after_the_wave_where_a_real_agent_rolled_back() {
     std::fs::write(w.dir.path().join("new.toml"), NEW).unwrap();
 
     // Every device runs the old generation, committed (the first state of a board is).
-    let out = w.skiffctl(&["apply", "-f", &w.dir.path().join("old.toml").display().to_string(), "--group", "line-3"]);
+    let out = w.skiffctl(&[
+        "apply",
+        "-f",
+        &w.dir.path().join("old.toml").display().to_string(),
+        "--group",
+        "line-3",
+    ]);
     assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
     let old = wait_for(Duration::from_secs(60), "the old generation committed everywhere", || {
         let st = w.status();
