@@ -8,4 +8,5 @@ pub mod bench_registry;
 pub mod board;
 pub mod fleet;
 pub mod mqtt;
+pub mod packaging;
 pub mod registry;
