@@ -25,7 +25,11 @@ fn built(env_var: &str, package: &str, bin: &str) -> PathBuf {
         .status()
         .expect("cargo build");
     assert!(status.success(), "building {bin} failed");
-    repo().join("target/debug").join(bin)
+    // Where cargo put it: the caller's CARGO_TARGET_DIR, else the repo's target/.
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
+    let target = if target.is_absolute() { target } else { repo().join(target) };
+    target.join("debug").join(bin)
 }
 
 /// The `skiff` binary, built once per test process; `SKIFF_BIN` points at a prebuilt one.

@@ -148,7 +148,7 @@ impl Rollouts {
                     self.write(Write::Record(self.record.clone()));
                 }
                 info!(generation = g, stable = ?state.rollout.stable, deadline = ?state.rollout.deadline, "generation on test");
-                self.trial = Some(Trial::begin(&state, self.good.is_some(), now));
+                self.trial = Some(Trial::begin(&state, self.good.as_ref(), now));
                 Handover { run: state, rolled_back: None }
             }
             AtStart::RunGood => match self.good.clone() {
