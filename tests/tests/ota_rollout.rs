@@ -13,9 +13,11 @@ use std::time::Duration;
 
 const DEV: &str = "pi-ota";
 
+/// A short rollout window: each generation is committed (the last good one)
+/// a second after it runs.
 fn app_toml(image: &str) -> String {
     format!(
-        "[[app]]\nname = \"web\"\nimage = \"{image}\"\ncommand = [\"/bin/sh\", \"-c\", \"cat /version; exec sleep 3600\"]\nstop_grace = \"1s\"\n"
+        "[rollout]\nstable = \"1s\"\n\n[[app]]\nname = \"web\"\nimage = \"{image}\"\ncommand = [\"/bin/sh\", \"-c\", \"cat /version; exec sleep 3600\"]\nstop_grace = \"1s\"\n"
     )
 }
 
@@ -106,7 +108,12 @@ fn a_new_tag_is_pinned_pulled_behind_the_running_app_and_a_failed_pull_stops_not
     assert!(sb.ps()["pulls"].as_array().is_none_or(|p| p.is_empty()));
 
     // v3: once it runs, garbage collection keeps the images of this generation
-    // and the one before (v3, v2) and frees what only v1 used.
+    // and the one before (v3, v2) and frees what only v1 used. (v2 is first
+    // committed: while a generation is on test, the last good one's images stay.)
+    wait_for(Duration::from_secs(30), "v2 committed", || {
+        let r = sb.ps()["rollout"].clone();
+        (r["testing"].is_null() && r["committed"] == sb.ps()["generation"]).then_some(())
+    });
     let out = fleet.apply(work.path(), &app_toml(&format!("{host}/app:v3")), &["--registries", &regs]);
     assert!(out.status.success(), "apply v3: {}", String::from_utf8_lossy(&out.stderr));
     let third = sb.wait_app("web", Duration::from_secs(60), "running v3", |a| {

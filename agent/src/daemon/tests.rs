@@ -674,6 +674,9 @@ async fn a_generation_that_fails_its_test_is_rolled_back_and_a_healthy_one_is_co
     assert_eq!(h.running(), [("web".into(), "web:3".into())]);
     let r = h.record();
     assert_eq!((r.committed, r.testing), (3, None));
+    // Handing 3 over collected images, keeping the last good one's (web:1): a rollback needs it.
+    let kept = h.images.collected.lock().unwrap().last().cloned().expect("a collection");
+    assert!(kept.contains(&img("web:1")) && kept.contains(&img("web:3")), "{kept:?}");
     h.shutdown().await;
 }
 
