@@ -7,6 +7,7 @@
 //! Spec building (`spec.rs`) is pure.
 
 pub mod cgroups;
+pub mod devices;
 pub mod exec;
 pub mod executor;
 pub mod instance;
