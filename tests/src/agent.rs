@@ -25,7 +25,10 @@ fn built(env_var: &str, package: &str, bin: &str) -> PathBuf {
         .status()
         .expect("cargo build");
     assert!(status.success(), "building {bin} failed");
-    repo().join("target/debug").join(bin)
+    // Where that build put it: CARGO_TARGET_DIR (relative to the workspace) when set.
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), |d| repo().join(d));
+    target.join("debug").join(bin)
 }
 
 /// The `skiff` binary, built once per test process; `SKIFF_BIN` points at a prebuilt one.

@@ -462,6 +462,32 @@ mod tests {
     }
 
     #[test]
+    fn a_host_refusing_bpf_gets_the_fix_named() {
+        let e =
+            DeviceError::Load { source: std::io::Error::from_raw_os_error(libc::EPERM), log: String::new() };
+        let msg = e.to_string();
+        assert!(msg.starts_with("loading the cgroup v2 device program: Operation not permitted"), "{msg}");
+        assert!(msg.contains("CAP_BPF") && msg.contains("CONFIG_CGROUP_BPF"), "{msg}");
+        assert!(msg.contains("not started without their device rules"), "{msg}");
+        let e = DeviceError::Load {
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            log: "R0 !read_ok".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "loading the cgroup v2 device program: Invalid argument (os error 22); verifier: R0 !read_ok"
+        );
+        let e = DeviceError::Attach {
+            path: "/sys/fs/cgroup/skiff/web".into(),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        };
+        assert!(e
+            .to_string()
+            .starts_with("attaching the device program to cgroup /sys/fs/cgroup/skiff/web: "));
+        assert!(e.to_string().contains("CONFIG_CGROUP_BPF"));
+    }
+
+    #[test]
     fn instructions_have_the_kernel_layout() {
         let i = insn(LDX_MEM_W, R4, R1, 4, 0).to_bytes();
         if cfg!(target_endian = "little") {

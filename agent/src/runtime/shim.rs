@@ -7,6 +7,9 @@
 //! lost, even when the agent is killed or upgraded; it copies the container's
 //! output into the size-capped log; and on exit it records code, signal and
 //! OOM kill, deletes the container and its cgroup, and unmounts the rootfs.
+//! On cgroup v2 it also enforces the app's device rules: it attaches the
+//! device program (`devices.rs`) once the container is created and before it
+//! starts; a failure there is a start failure, never an unconfined app.
 //!
 //! Protocol with the agent: one line on stdout, `ok <init-pid>` or
 //! `err <message>`, then the files described in `instance.rs`.
@@ -433,13 +436,15 @@ fn v2_cgroup_dir(cgroups: &Cgroups, cgroup_path: &str) -> std::path::PathBuf {
 /// it failed.
 fn cleanup(dir: &Path, cfg: &ShimConfig, cgroups: Option<&Cgroups>, created: bool) {
     if created {
-        // The init has exited (its pid namespace with it) or never ran the
-        // app: nothing is left that the program guards. Removing the cgroup
-        // would free it too; detaching first leaves nothing behind if the
-        // cgroup outlives the delete.
+        // Once no process is left in the cgroup, nothing needs the device
+        // program: detach it, so nothing stays behind if the cgroup outlives
+        // the delete. While one is (a straggler being killed) it stays; the
+        // cgroup's removal frees it then.
         if let Some(cg) = cgroups.filter(|c| c.version == spec::CgroupVersion::V2) {
             let cg_dir = v2_cgroup_dir(cg, &cfg.cgroup_path);
-            if cg_dir.is_dir() {
+            let empty =
+                std::fs::read_to_string(cg_dir.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+            if empty {
                 if let Err(e) = devices::detach_all(&cg_dir) {
                     note(&e.to_string());
                 }
