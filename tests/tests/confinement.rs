@@ -302,8 +302,14 @@ fn the_v2_device_program_decides_and_detaches() {
     );
     let unlisted = spec(serde_json::json!([deny_all]));
 
+    let t0 = std::time::Instant::now();
     let prog = Program::build(&devices::rules_of_spec(&listed).unwrap());
     drop(devices::attach(&cg.0, &prog).unwrap());
+    println!(
+        "device program: {} instructions, built, loaded and attached in {:?}",
+        prog.insns.len(),
+        t0.elapsed()
+    );
     assert_eq!(devices::attached(&cg.0).unwrap().len(), 1, "attached, and kept after its fd is closed");
     let out = opens("listed");
     assert_eq!(value(&out, "kmsg="), "opened", "{out}");
