@@ -20,7 +20,7 @@ pub enum Request {
 #[derive(Serialize, Deserialize, Debug)]
 #[serde(tag = "response", rename_all = "kebab-case")]
 pub enum Response {
-    Ps(PsReply),
+    Ps(Box<PsReply>),
     /// The desired state the agent now runs.
     Reloaded {
         generation: u64,
@@ -45,6 +45,9 @@ pub struct PsReply {
     /// What the board keeps for the OS and the agent, and what apps get.
     #[serde(default)]
     pub headroom: Option<crate::headroom::Headroom>,
+    /// The last good generation, the one on test, the last failed one.
+    #[serde(default)]
+    pub rollout: Option<skiff_common::RolloutStatus>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

@@ -573,6 +573,22 @@ fn apply(paths: &Paths, file: &Path, pull: &PullArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The rollout in one line: a generation on test, or one newer than the last
+/// good one that failed. Nothing when the newest generation is the good one.
+pub fn rollout_line(r: &skiff_common::RolloutStatus) -> Option<String> {
+    if let Some(t) = r.testing {
+        return Some(format!("rollout: generation {t} on test (last good: {})", r.committed));
+    }
+    let f = r.failed.as_ref().filter(|f| f.generation > r.committed)?;
+    let app = f.app.as_ref().map(|a| format!("app {a} ")).unwrap_or_default();
+    let what = if f.rolled_back {
+        format!("was rolled back to generation {}", r.committed)
+    } else {
+        "was not rolled back".to_string()
+    };
+    Some(format!("rollout: generation {} failed its test and {what}: {app}{}", f.generation, f.reason))
+}
+
 fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let reply = match rt()?.block_on(api::call(&paths.socket(), &Request::Ps))? {
@@ -590,6 +606,9 @@ fn ps(paths: &Paths, json: bool) -> anyhow::Result<()> {
         Some(l) => format!(", controller link down ({})", l.last_error.as_deref().unwrap_or("connecting")),
     };
     writeln!(out, "generation {}{link}", reply.generation)?;
+    if let Some(line) = reply.rollout.as_ref().and_then(rollout_line) {
+        writeln!(out, "{line}")?;
+    }
     if let Some(h) = &reply.headroom {
         writeln!(out, "{}", headroom_line(h))?;
     }

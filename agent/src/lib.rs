@@ -14,6 +14,7 @@ pub mod localfile;
 pub mod paths;
 pub mod probe;
 pub mod reconciler;
+pub mod rollout;
 pub mod runtime;
 pub mod sdnotify;
 pub mod seccomp;

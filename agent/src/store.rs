@@ -1,5 +1,8 @@
 //! The desired state on flash: `<state_dir>/desired.skf`, with the generation
-//! before it kept as `desired.prev.skf`.
+//! before it kept as `desired.prev.skf`; and the rollout's files: the last
+//! good generation `good.skf` (a hard link to a former `desired.skf` when it
+//! can be, so a commit writes no state bytes) and the record `rollout.skf`
+//! (see `crate::rollout`).
 //!
 //! Invariants: the file is replaced atomically (see `fsutil`), so after a
 //! power cut at any instant it decodes to the old or the new state; the
@@ -16,8 +19,9 @@
 //! never wrapping.
 
 use crate::fsutil::sync_dir;
+use crate::rollout::Record;
 use nix::fcntl::{Flock, FlockArg};
-use skiff_common::codec::{state_file, CodecError};
+use skiff_common::codec::{state_file, CodecError, Kind};
 use skiff_common::validate::MAX_GENERATION;
 use skiff_common::DesiredState;
 use std::fs::{File, OpenOptions};
@@ -58,9 +62,79 @@ pub enum Saved {
     Unchanged(u64),
 }
 
+/// Schema of `rollout.skf` written by this build.
+pub const RECORD_SCHEMA: u8 = 1;
+/// Far above any real record.
+const RECORD_LIMIT: usize = 4096;
+
+/// The rollout's files as `load_rollout` found them.
+#[derive(Debug, Default)]
+pub struct RolloutFiles {
+    /// `None` when there is none yet (a new board, or an upgrade).
+    pub record: Option<Record>,
+    /// The last good state, when it is on flash and readable.
+    pub good: Option<DesiredState>,
+    /// What was unreadable and ignored (for the log).
+    pub problems: Vec<String>,
+}
+
 impl StateStore {
     pub fn new(state_dir: &Path) -> StateStore {
         StateStore { dir: state_dir.to_path_buf() }
+    }
+
+    fn good_path(&self) -> PathBuf {
+        self.dir.join("good.skf")
+    }
+
+    fn record_path(&self) -> PathBuf {
+        self.dir.join("rollout.skf")
+    }
+
+    /// The rollout record and the last good state. An unreadable record is
+    /// reported and treated as none (the stored generation is then trusted);
+    /// an unreadable good state as none (there is nothing to go back to).
+    pub fn load_rollout(&self) -> RolloutFiles {
+        let mut files = RolloutFiles::default();
+        match std::fs::read(self.record_path()) {
+            Ok(bytes) => match decode_record(&bytes) {
+                Ok(r) => files.record = Some(r),
+                Err(e) => files.problems.push(format!("{}: {e}", self.record_path().display())),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => files.problems.push(format!("{}: {e}", self.record_path().display())),
+        }
+        match Self::read(&self.good_path()) {
+            Ok(good) => files.good = good,
+            Err(e) => files.problems.push(e.to_string()),
+        }
+        files
+    }
+
+    /// Writes the rollout record (atomically).
+    pub fn save_record(&self, record: &Record) -> Result<(), StoreError> {
+        let bytes = encode_record(record)?;
+        crate::fsutil::atomic_write(&self.record_path(), &bytes).map_err(self.io(self.record_path()))
+    }
+
+    /// Keeps `state` as the last good one, then writes `record`. When
+    /// `desired.skf` holds exactly `state` (the usual case), `good.skf`
+    /// becomes a hard link to it: no state bytes are written.
+    pub fn commit(&self, state: &DesiredState, record: &Record) -> Result<(), StoreError> {
+        let _guard = self.lock()?;
+        let good = self.good_path();
+        let tmp = self.dir.join(".good.skf.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let same = Self::read(&self.path()).ok().flatten().is_some_and(|cur| &cur == state);
+        if same && std::fs::hard_link(self.path(), &tmp).is_ok() {
+            std::fs::rename(&tmp, &good).map_err(self.io(good.clone()))?;
+            sync_dir(&self.dir).map_err(self.io(self.dir.clone()))?;
+        } else {
+            let _ = std::fs::remove_file(&tmp);
+            let bytes = state_file::encode(state).map_err(StoreError::Unstorable)?;
+            crate::fsutil::atomic_write(&good, &bytes).map_err(self.io(good.clone()))?;
+        }
+        self.save_record(record)
     }
 
     pub fn path(&self) -> PathBuf {
@@ -141,10 +215,15 @@ impl StateStore {
         // compared against nor be kept as the previous generation.
         let current = Self::read(&self.path()).ok().flatten();
         let prev = Self::read(&self.prev()).ok().flatten();
+        // A stored generation that failed its rollout is not "unchanged": the
+        // same content applied again is a new try, under a new generation.
+        let failed = self.load_rollout().record.and_then(|r| r.failed).map(|f| f.generation);
         if let Some(cur) = &current {
             if cur.apps == next.apps
+                && cur.rollout == next.rollout
                 && cur.origin == next.origin
                 && generation.is_none_or(|g| g == cur.generation)
+                && (generation.is_some() || failed != Some(cur.generation))
             {
                 return Ok(Saved::Unchanged(cur.generation));
             }
@@ -192,6 +271,18 @@ impl StateStore {
     }
 }
 
+fn encode_record(r: &Record) -> Result<Vec<u8>, StoreError> {
+    r.validate().map_err(|e| StoreError::Unstorable(CodecError::Encode(e)))?;
+    skiff_common::codec::encode(Kind::RolloutRecord, RECORD_SCHEMA, r).map_err(StoreError::Unstorable)
+}
+
+/// Reads `rollout.skf` and checks what it claims.
+pub fn decode_record(bytes: &[u8]) -> Result<Record, CodecError> {
+    let r: Record = skiff_common::codec::decode(bytes, Kind::RolloutRecord, RECORD_SCHEMA, RECORD_LIMIT)?;
+    r.validate().map_err(CodecError::Payload)?;
+    Ok(r)
+}
+
 /// The generation a damaged state file was written with, when its envelope
 /// header is intact (magic, kind, full length) and only the payload fails:
 /// the generation is the payload's first field (a postcard varint). A state
@@ -231,6 +322,63 @@ mod tests {
 
     fn state(image: &str) -> DesiredState {
         toml_file::parse(&format!("[[app]]\nname = \"a\"\nimage = \"{image}\"\n")).unwrap()
+    }
+
+    #[test]
+    fn the_rollout_record_and_the_last_good_state_round_trip_and_a_commit_links() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        let files = s.load_rollout();
+        assert!(files.record.is_none() && files.good.is_none() && files.problems.is_empty());
+        s.save(state("one"), None).unwrap();
+        let one = s.load().unwrap().state;
+        let r = Record { committed: 1, testing: None, failed: None };
+        s.commit(&one, &r).unwrap();
+        let ino = |f: &str| std::fs::metadata(d.path().join(f)).unwrap().ino();
+        assert_eq!(ino("good.skf"), ino("desired.skf"), "a commit of what is stored is a hard link");
+        let files = s.load_rollout();
+        assert_eq!((files.record, files.good), (Some(r.clone()), Some(one.clone())));
+        // A state that is not the stored one is written out.
+        s.save(state("two"), None).unwrap();
+        s.commit(&one, &r).unwrap();
+        assert_ne!(ino("good.skf"), ino("desired.skf"));
+        assert_eq!(s.load_rollout().good, Some(one));
+        // A damaged record is reported and ignored, never trusted.
+        let mut bytes = std::fs::read(d.path().join("rollout.skf")).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(d.path().join("rollout.skf"), &bytes).unwrap();
+        let files = s.load_rollout();
+        assert!(files.record.is_none());
+        assert!(files.problems[0].contains("rollout.skf"), "{:?}", files.problems);
+        // An impossible record is refused on write and on read.
+        let bad = Record { committed: 3, testing: Some((3, 0)), failed: None };
+        assert!(s.save_record(&bad).is_err());
+        let raw = skiff_common::codec::encode(Kind::RolloutRecord, RECORD_SCHEMA, &bad).unwrap();
+        assert!(decode_record(&raw).is_err());
+    }
+
+    #[test]
+    fn the_fuzz_seed_of_the_record_is_a_valid_record() {
+        let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/rollout_record/testing");
+        let r = decode_record(&std::fs::read(seed).unwrap()).unwrap();
+        assert_eq!(r, Record { committed: 1, testing: Some((2, 1)), failed: None });
+    }
+
+    #[test]
+    fn a_failed_generation_applied_again_is_a_new_generation() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateStore::new(d.path());
+        assert_eq!(s.save(state("one"), None).unwrap(), Saved::Written(1));
+        let failed =
+            skiff_common::RolloutFailure { generation: 1, app: None, reason: "x".into(), rolled_back: true };
+        s.save_record(&Record { committed: 0, testing: None, failed: Some(failed) }).unwrap();
+        assert_eq!(s.save(state("one"), None).unwrap(), Saved::Written(2));
+        // A controller's re-send of the same generation stays unchanged.
+        let mut again = s.load().unwrap().state;
+        again.origin = skiff_common::Origin::Local;
+        assert_eq!(s.save(again, Some(2)).unwrap(), Saved::Unchanged(2));
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! The only place skiff uses `unsafe`: process-wide signal dispositions that
-//! nix exposes as unsafe because they affect every thread, loading a seccomp
-//! filter (a raw prctl with a pointer to the program), and the raw `bpf(2)`
+//! nix exposes as unsafe because they affect every thread, loading a
+//! seccomp filter (a raw prctl with a pointer to the program), handing a
+//! file descriptor to tokio's reactor (unsafe since tokio 1.54: the caller
+//! vouches that the descriptor stays open and the same), and the raw `bpf(2)`
 //! calls of the cgroup v2 device program (`bpf`).
 #![allow(unsafe_code)]
 
 use nix::sys::signal::{signal, SigHandler, Signal};
+use std::os::fd::OwnedFd;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 /// Restores SIGPIPE to the default. Rust ignores SIGPIPE at start-up and an
 /// ignored disposition survives exec, so a container forked while it is
@@ -44,6 +49,15 @@ pub fn install_seccomp(insns: &[crate::seccomp::Insn]) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// Registers `fd` with tokio's reactor for readability (a pidfd: readable
+/// once its process has exited). Must run inside a runtime with I/O enabled.
+pub fn watch_readable(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the `OwnedFd` moves into the AsyncFd, which owns it from then
+    // on: the descriptor stays open and refers to the same file until the
+    // AsyncFd is dropped, and `as_raw_fd` always returns that descriptor.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(std::io::Error::from)
 }
 
 /// The five `bpf(2)` commands the cgroup v2 device program needs, raw (no

@@ -35,13 +35,15 @@ pub enum Kind {
     SignedDesired = 2,
     Reported = 3,
     Event = 4,
+    /// The device's rollout record (`rollout.skf`: last good generation, the one on test).
+    RolloutRecord = 5,
 }
 
 impl Kind {
     /// Who reads this kind, for "upgrade ..." messages.
     pub fn reader(self) -> &'static str {
         match self {
-            Kind::StateFile | Kind::SignedDesired => "the agent",
+            Kind::StateFile | Kind::SignedDesired | Kind::RolloutRecord => "the agent",
             Kind::Reported | Kind::Event => "skiffctl",
         }
     }
@@ -155,10 +157,10 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecErr
 /// The state file: a `DesiredState` in a `Kind::StateFile` envelope.
 pub mod state_file {
     use super::*;
-    use crate::{v1, DesiredState};
+    use crate::{v1, v2, DesiredState};
 
-    /// Written by this build. 2: `AppSpec.pull`.
-    pub const SCHEMA: u8 = 2;
+    /// Written by this build. 2: `AppSpec.pull`, `AppSpec.security`. 3: `DesiredState.rollout`.
+    pub const SCHEMA: u8 = 3;
     /// The oldest schema this build still reads (and converts).
     pub const OLDEST: u8 = 1;
     /// Far above any real desired state; bounds what a corrupt file can cost.
@@ -177,6 +179,7 @@ pub mod state_file {
         let (schema, payload) = open(bytes, Kind::StateFile, OLDEST..=SCHEMA, LIMIT)?;
         let state = match schema {
             1 => decode_payload::<v1::DesiredState>(payload)?.into(),
+            2 => decode_payload::<v2::DesiredState>(payload)?.into(),
             _ => decode_payload::<DesiredState>(payload)?,
         };
         state.validate().map_err(CodecError::Invalid)?;

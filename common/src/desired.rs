@@ -23,15 +23,44 @@ pub struct DesiredState {
     pub origin: Origin,
     /// Sorted by name, names unique.
     pub apps: Vec<AppSpec>,
+    /// How the device tests this generation before it trusts it.
+    pub rollout: Rollout,
 }
 
 impl DesiredState {
     pub fn empty() -> Self {
-        DesiredState { generation: 0, origin: Origin::Local, apps: Vec::new() }
+        DesiredState { generation: 0, origin: Origin::Local, apps: Vec::new(), rollout: Rollout::default() }
     }
 
     pub fn app(&self, name: &AppName) -> Option<&AppSpec> {
         self.apps.iter().find(|a| &a.name == name)
+    }
+}
+
+/// `[rollout]`: a new generation runs in a testing phase and is committed as
+/// the last good one only when every app of it has been running and ready,
+/// with no restart, for `stable`; otherwise the device goes back to the last
+/// good generation by itself (unless `rollback` is off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// How long every app must stay running and ready, with no restart.
+    pub stable: Duration,
+    /// How long the apps have, from the moment the generation is applied, to
+    /// be running and ready (and stay so for `stable`) before it has failed.
+    pub deadline: Duration,
+    /// Go back to the last good generation when this one fails. Off for
+    /// stateful apps where running an older version is worse than a broken one.
+    pub rollback: bool,
+}
+
+impl Rollout {
+    pub const DEFAULT_STABLE: Duration = Duration::from_secs(60);
+    pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(300);
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout { stable: Rollout::DEFAULT_STABLE, deadline: Rollout::DEFAULT_DEADLINE, rollback: true }
     }
 }
 

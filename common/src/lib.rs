@@ -13,12 +13,13 @@ pub mod quantity;
 pub mod status;
 pub mod toml_file;
 pub mod v1;
+pub mod v2;
 pub mod validate;
 
 pub use desired::{
     AppSpec, Capability, DesiredState, Mount, NetworkMode, Origin, Probe, ProbeAction, PullPolicy, Resources,
-    RestartPolicy, Seccomp, Security, User,
+    RestartPolicy, Rollout, Seccomp, Security, User,
 };
 pub use name::{AppName, ImageRef, NameError};
-pub use status::{AppStatus, ExitInfo, Health, Phase, PullStatus};
+pub use status::{AppStatus, ExitInfo, Health, Phase, PullStatus, RolloutFailure, RolloutStatus};
 pub use validate::ValidationError;

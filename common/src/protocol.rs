@@ -26,7 +26,7 @@
 use crate::codec::{self, CodecError, Kind, HEADER_LEN};
 use crate::desired::{DesiredState, Origin};
 use crate::name::{AppName, NameError};
-use crate::status::{AppStatus, PullStatus};
+use crate::status::{AppStatus, PullStatus, RolloutStatus};
 use crate::validate::ValidationError;
 use ed25519_dalek::{Signature, Signer};
 /// The key types, so users of this module need no direct ed25519 dependency.
@@ -55,14 +55,17 @@ pub const REASON_MAX: usize = 1024;
 /// config let in is still read and refused.
 pub const PACKET_LIMIT: usize = 2 * 1024 * 1024;
 /// Domain separation for desired-state signatures of schema `DESIRED_SCHEMA`.
-pub const SIGN_CONTEXT: &[u8] = b"skiff/v1 desired-state schema 2\0";
+pub const SIGN_CONTEXT: &[u8] = b"skiff/v1 desired-state schema 3\0";
+/// The same for schema 2 bodies (read, never written).
+pub const SIGN_CONTEXT_V2: &[u8] = b"skiff/v1 desired-state schema 2\0";
 /// The same for schema 1 bodies (read, never written).
 pub const SIGN_CONTEXT_V1: &[u8] = b"skiff/v1 desired-state\0";
 /// Envelope schema versions of this protocol's payloads, as written.
 /// 2: `AppSpec.pull`, `DesiredBody.replaces`, `Reported.pulls`.
-pub const DESIRED_SCHEMA: u8 = 2;
-pub const REPORTED_SCHEMA: u8 = 2;
-pub const EVENT_SCHEMA: u8 = 1;
+/// 3: `DesiredState.rollout`, `Reported.rollout` (events 2: kinds `committed`, `rolled-back`).
+pub const DESIRED_SCHEMA: u8 = 3;
+pub const REPORTED_SCHEMA: u8 = 3;
+pub const EVENT_SCHEMA: u8 = 2;
 /// The oldest schema of `desired` and `reported` payloads still read.
 pub const OLDEST_SCHEMA: u8 = 1;
 /// `online` payloads (plain bytes so any MQTT tool can read them).
@@ -399,12 +402,17 @@ pub fn peek_desired(bytes: &[u8]) -> Result<(KeyId, DesiredBody), ProtocolError>
 fn decode_body(schema: u8, body: &[u8]) -> Result<DesiredBody, ProtocolError> {
     match schema {
         1 => Ok(decode_exact::<crate::v1::DesiredBody>(body)?.into()),
+        2 => Ok(decode_exact::<crate::v2::DesiredBody>(body)?.into()),
         _ => decode_exact(body),
     }
 }
 
 fn signed_message(schema: u8, body: &[u8]) -> Vec<u8> {
-    let context = if schema == 1 { SIGN_CONTEXT_V1 } else { SIGN_CONTEXT };
+    let context = match schema {
+        1 => SIGN_CONTEXT_V1,
+        2 => SIGN_CONTEXT_V2,
+        _ => SIGN_CONTEXT,
+    };
     let mut m = Vec::with_capacity(context.len() + body.len());
     m.extend_from_slice(context);
     m.extend_from_slice(body);
@@ -468,6 +476,8 @@ pub struct Reported {
     pub sent_unix: u64,
     /// Image pulls in progress or failed (empty when nothing is pulled).
     pub pulls: Vec<PullStatus>,
+    /// The last good generation, the one on test, the last failed one.
+    pub rollout: RolloutStatus,
 }
 
 pub fn encode_reported(r: &Reported) -> Result<Vec<u8>, ProtocolError> {
@@ -480,6 +490,7 @@ pub fn decode_reported(bytes: &[u8]) -> Result<Reported, ProtocolError> {
         codec::open(bytes, Kind::Reported, OLDEST_SCHEMA..=REPORTED_SCHEMA, REPORTED_LIMIT)?;
     Ok(match schema {
         1 => codec::decode_payload::<crate::v1::Reported>(payload)?.into(),
+        2 => codec::decode_payload::<crate::v2::Reported>(payload)?.into(),
         _ => codec::decode_payload(payload)?,
     })
 }
@@ -504,6 +515,10 @@ pub enum EventKind {
     Rejected,
     /// Anything else that went wrong and a person should hear about.
     Error,
+    /// A generation passed its test and is now the last good one (schema 2).
+    Committed,
+    /// A generation failed its test; the device went back to the last good one (schema 2).
+    RolledBack,
 }
 
 impl EventKind {
@@ -522,6 +537,8 @@ impl EventKind {
             EventKind::Accepted => "accepted",
             EventKind::Rejected => "rejected",
             EventKind::Error => "error",
+            EventKind::Committed => "committed",
+            EventKind::RolledBack => "rolled-back",
         }
     }
 }
@@ -549,8 +566,10 @@ pub fn encode_event(e: &Event) -> Result<Vec<u8>, ProtocolError> {
     encode_limited(Kind::Event, EVENT_SCHEMA, e, EVENT_LIMIT)
 }
 
+/// Reads an `events` payload of schema 1 (the same struct, fewer kinds) or 2.
 pub fn decode_event(bytes: &[u8]) -> Result<Event, ProtocolError> {
-    Ok(codec::decode(bytes, Kind::Event, EVENT_SCHEMA, EVENT_LIMIT)?)
+    let (_, payload) = codec::open(bytes, Kind::Event, 1..=EVENT_SCHEMA, EVENT_LIMIT)?;
+    Ok(codec::decode_payload(payload)?)
 }
 
 /// Cuts `s` to at most `max` bytes on a character boundary.
@@ -649,7 +668,7 @@ mod tests {
                 ..Default::default()
             },
         };
-        DesiredState { generation, origin: Origin::Controller, apps: vec![app] }
+        DesiredState { generation, origin: Origin::Controller, apps: vec![app], rollout: Default::default() }
     }
 
     #[test]
@@ -902,6 +921,16 @@ mod tests {
                 total: 20,
                 error: Some("x".into()),
             }],
+            rollout: RolloutStatus {
+                committed: 2,
+                testing: None,
+                failed: Some(crate::status::RolloutFailure {
+                    generation: 3,
+                    app: Some(AppName::try_from("web").unwrap()),
+                    reason: "exited with code 1".into(),
+                    rolled_back: true,
+                }),
+            },
         };
         assert_eq!(decode_reported(&encode_reported(&r).unwrap()).unwrap(), r);
         let e = Event {

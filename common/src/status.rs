@@ -83,3 +83,28 @@ pub struct PullStatus {
     /// Why the last attempt failed; it is retried with backoff.
     pub error: Option<String>,
 }
+
+/// Where the device's rollout stands: the last good generation, the one on
+/// test, and the last one that failed its test and was rolled back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// The last good generation: committed after its test (0: none yet).
+    pub committed: u64,
+    /// The generation running on test, not yet trusted.
+    pub testing: Option<u64>,
+    /// The last generation that failed its test, and why.
+    pub failed: Option<RolloutFailure>,
+}
+
+/// A generation that failed its test.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutFailure {
+    pub generation: u64,
+    /// The app that failed, when one did (a boot loop names none).
+    pub app: Option<AppName>,
+    /// What happened, for a person (at most a few hundred bytes).
+    pub reason: String,
+    /// The device went back to `committed` (false: `rollback = false`, or
+    /// there was no good generation to go back to; the failed one runs on).
+    pub rolled_back: bool,
+}

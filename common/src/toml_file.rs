@@ -10,8 +10,8 @@ use crate::desired::*;
 use crate::name::{AppName, ImageRef};
 use crate::quantity::{parse_bytes, parse_duration};
 use crate::validate::{
-    check_app, check_apps_len, cpus_message, port_message, range_message, Field, ProbeField, ProbeKind,
-    MAX_APPS, PIDS, THRESHOLD,
+    check_app, check_apps_len, check_rollout, cpus_message, port_message, range_message, Field, ProbeField,
+    ProbeKind, MAX_APPS, PIDS, THRESHOLD,
 };
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,6 +47,16 @@ impl std::error::Error for FileError {}
 struct RawFile {
     #[serde(default)]
     app: Vec<Spanned<RawApp>>,
+    rollout: Option<Spanned<RawRollout>>,
+}
+
+/// `[rollout]`: how the device tests the state before it trusts it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    stable: Option<Spanned<String>>,
+    deadline: Option<Spanned<String>>,
+    rollback: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -210,12 +220,34 @@ pub fn parse(text: &str) -> Result<DesiredState, Vec<FileError>> {
             apps.push(spec);
         }
     }
+    let rollout = convert_rollout(&mut cx, raw.rollout.as_ref());
     if !cx.errors.is_empty() {
         cx.errors.sort_by_key(|e| (e.line, e.column));
         return Err(cx.errors);
     }
     apps.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(DesiredState { generation: 0, origin: Origin::Local, apps })
+    Ok(DesiredState { generation: 0, origin: Origin::Local, apps, rollout })
+}
+
+fn convert_rollout(cx: &mut Ctx, raw: Option<&Spanned<RawRollout>>) -> Rollout {
+    let Some(raw) = raw else { return Rollout::default() };
+    let r = raw.get_ref();
+    let rollout = Rollout {
+        stable: cx.duration(&r.stable, "rollout.stable".into(), Rollout::DEFAULT_STABLE),
+        deadline: cx.duration(&r.deadline, "rollout.deadline".into(), Rollout::DEFAULT_DEADLINE),
+        rollback: r.rollback.unwrap_or(true),
+    };
+    let mut found = Vec::new();
+    check_rollout(&rollout, &mut |field, message| found.push((field, message)));
+    for (field, message) in found {
+        let span = match field {
+            "stable" => r.stable.as_ref().map(|s| s.span()),
+            _ => r.deadline.as_ref().map(|s| s.span()),
+        }
+        .unwrap_or(raw.span());
+        cx.err(span, format!("rollout.{field}"), message);
+    }
+    rollout
 }
 
 /// Reads a word of a fixed set (`restart = "on-failure"`).

@@ -94,6 +94,8 @@ impl From<DesiredState> for desired::DesiredState {
             generation: s.generation,
             origin: s.origin,
             apps: s.apps.into_iter().map(Into::into).collect(),
+            // No rollouts before schema 3: the defaults.
+            rollout: desired::Rollout::default(),
         }
     }
 }
@@ -115,6 +117,7 @@ impl From<Reported> for protocol::Reported {
             last_rejection: r.last_rejection,
             sent_unix: r.sent_unix,
             pulls: Vec::new(),
+            rollout: crate::v2::rollout_before_schema_3(r.generation_applied),
         }
     }
 }

@@ -41,6 +41,11 @@ pub const MIN_PERIOD: Duration = Duration::from_millis(100);
 /// Longest probe period and initial delay.
 pub const MAX_PROBE_WAIT: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_STOP_GRACE: Duration = Duration::from_secs(600);
+/// `rollout.stable`: up to a day (0: committed as soon as every app is ready).
+pub const ROLLOUT_STABLE: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(24 * 3600);
+/// `rollout.deadline`: 1 s to a week, and never shorter than `stable`.
+pub const ROLLOUT_DEADLINE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600);
 
 /// A probe of an app.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -146,6 +151,8 @@ pub enum ValidationError {
     Unsorted { first: AppName, then: AppName },
     #[error("app {app:?}: {field}: {message}")]
     App { app: AppName, field: Field, message: String },
+    #[error("rollout.{field}: {message}")]
+    Rollout { field: &'static str, message: String },
 }
 
 impl DesiredState {
@@ -156,6 +163,13 @@ impl DesiredState {
             return Err(ValidationError::Generation(self.generation));
         }
         check_apps_len(self.apps.len())?;
+        let mut rollout = None;
+        check_rollout(&self.rollout, &mut |field, message| {
+            rollout.get_or_insert(ValidationError::Rollout { field, message });
+        });
+        if let Some(e) = rollout {
+            return Err(e);
+        }
         for pair in self.apps.windows(2) {
             let (a, b) = (&pair[0].name, &pair[1].name);
             if a == b {
@@ -175,6 +189,26 @@ impl DesiredState {
             }
         }
         Ok(())
+    }
+}
+
+/// The rules of `[rollout]`; `report` gets the field (`stable`, `deadline`) and why.
+pub fn check_rollout(r: &crate::desired::Rollout, report: &mut dyn FnMut(&'static str, String)) {
+    let secs = |d: Duration| format!("{}s", d.as_secs());
+    if !ROLLOUT_STABLE.contains(&r.stable) || !whole_ms(r.stable) {
+        report("stable", format!("must be whole milliseconds from 0s to {}", secs(*ROLLOUT_STABLE.end())));
+    }
+    if !ROLLOUT_DEADLINE.contains(&r.deadline) || !whole_ms(r.deadline) {
+        report(
+            "deadline",
+            format!(
+                "must be whole milliseconds from {} to {}",
+                secs(*ROLLOUT_DEADLINE.start()),
+                secs(*ROLLOUT_DEADLINE.end())
+            ),
+        );
+    } else if r.deadline < r.stable {
+        report("deadline", "must not be shorter than rollout.stable (the apps could never pass)".into());
     }
 }
 

@@ -8,11 +8,17 @@ use skiff_common::protocol::{
     DESIRED_SCHEMA, REPORTED_SCHEMA,
 };
 use skiff_common::status::{AppStatus, ExitInfo, Health, Phase};
-use skiff_common::{toml_file, AppName, DesiredState, Origin, PullPolicy};
+use skiff_common::{toml_file, AppName, DesiredState, Origin, PullPolicy, Rollout, RolloutStatus};
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1").join(name))
-        .unwrap()
+    fixture_of("v1", name)
+}
+
+fn fixture_of(release: &str, name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(release).join(name),
+    )
+    .unwrap()
 }
 
 /// The same text `generate.rs` wrote the fixtures from.
@@ -132,6 +138,8 @@ fn a_schema_1_reported_state_reads_with_no_pulls() {
         last_rejection: Some(Rejection::new(Some(6), "refused: generation 6 is below 7")),
         sent_unix: 1_700_000_000,
         pulls: Vec::new(),
+        // An agent before rollouts trusted what it ran.
+        rollout: RolloutStatus { committed: 7, testing: None, failed: None },
     };
     assert_eq!(decode_reported(&bytes).unwrap(), r);
 }
@@ -156,4 +164,110 @@ fn newer_schemas_are_refused_with_a_reason() {
     let bytes = codec::encode(Kind::SignedDesired, DESIRED_SCHEMA + 1, &0u8).unwrap();
     let e = peek_desired(&bytes).unwrap_err().to_string();
     assert!(e.contains(&format!("schema version {} is newer", DESIRED_SCHEMA + 1)), "{e}");
+}
+
+/// The same text `fixtures/v2/generate.rs` wrote the schema-2 fixtures from.
+const APPS_V2: &str = r#"
+[[app]]
+name = "web"
+image = "registry.local:5000/acme/web:2"
+pull = "always"
+command = ["httpd", "-f", "-p", "8080"]
+env = { MODE = "prod" }
+restart = "on-failure"
+network = "host"
+user = "1000:1000"
+read_only_rootfs = true
+cap_add = ["NET_BIND_SERVICE"]
+cap_drop = ["CHOWN"]
+stop_grace = "3s"
+[app.resources]
+memory = "32Mi"
+[app.liveness]
+http = { port = 8080, path = "/health" }
+[app.readiness]
+exec = ["cat", "/tmp/ready"]
+
+[[app]]
+name = "tool"
+image = "busybox:1.36"
+pull = "never"
+no_new_privileges = false
+network = "none"
+[app.security]
+seccomp = "unconfined"
+"#;
+
+fn expected_v2(generation: u64, origin: Origin) -> DesiredState {
+    let mut s = toml_file::parse(APPS_V2).unwrap();
+    s.generation = generation;
+    s.origin = origin;
+    s
+}
+
+#[test]
+fn a_schema_2_state_file_reads_as_the_same_state_with_the_default_rollout() {
+    let bytes = fixture_of("v2", "desired.skf");
+    assert_eq!(bytes[5], 2, "the fixture is schema 2");
+    let state = state_file::decode(&bytes).unwrap();
+    assert_eq!(state, expected_v2(42, Origin::Local));
+    assert_eq!(state.rollout, Rollout::default());
+    assert_eq!(state.apps[0].pull, PullPolicy::Never);
+    assert!(state.apps[1].security.read_only_rootfs);
+    let again = state_file::encode(&state).unwrap();
+    assert_eq!(again[5], 3);
+    assert_eq!(state_file::decode(&again).unwrap(), state);
+}
+
+#[test]
+fn a_schema_2_signed_desired_state_verifies_and_reads_as_the_same_state() {
+    let bytes = fixture_of("v2", "desired.msg");
+    assert_eq!(bytes[5], 2, "the fixture is schema 2");
+    let key = SigningKey::from_bytes(&[7; 32]).verifying_key();
+    let device = DeviceId::try_from("pi-2").unwrap();
+    let body = open_desired_body(&bytes, &device, &key).unwrap();
+    assert_eq!(body.state, expected_v2(9, Origin::Controller));
+    assert_eq!(body.replaces, None);
+    let other = SigningKey::from_bytes(&[8; 32]).verifying_key();
+    assert!(open_desired_body(&bytes, &device, &other).is_err());
+}
+
+#[test]
+fn a_schema_2_reported_state_reads_as_committed_at_its_generation() {
+    let bytes = fixture_of("v2", "reported.msg");
+    assert_eq!(bytes[5], 2, "the fixture is schema 2");
+    let r = decode_reported(&bytes).unwrap();
+    assert_eq!(r.generation_applied, 9);
+    assert_eq!(r.device.to_string(), "pi-2");
+    assert_eq!(r.apps.len(), 1);
+    assert_eq!(r.apps[0].last_exit, Some(ExitInfo { code: None, signal: Some(9), oom_killed: true }));
+    assert_eq!(r.pulls.len(), 1);
+    assert_eq!(r.pulls[0].error.as_deref(), Some("connection reset"));
+    assert_eq!(r.rollout, RolloutStatus { committed: 9, testing: None, failed: None });
+}
+
+#[test]
+fn a_schema_1_event_reads_with_this_build() {
+    let bytes = fixture_of("v2", "event.msg");
+    assert_eq!(bytes[5], 1, "events were schema 1 in the release before rollouts");
+    let e = skiff_common::protocol::decode_event(&bytes).unwrap();
+    assert_eq!(e.kind, skiff_common::protocol::EventKind::Unhealthy);
+    assert_eq!((e.session, e.seq, e.dropped_before), (77, 3, 1));
+    assert_eq!(e.app.unwrap().to_string(), "web");
+    let bytes = codec::encode(Kind::Event, skiff_common::protocol::EVENT_SCHEMA + 1, &0u8).unwrap();
+    let e = skiff_common::protocol::decode_event(&bytes).unwrap_err().to_string();
+    assert!(e.ends_with("upgrade skiffctl"), "{e}");
+}
+
+#[test]
+fn a_schema_2_body_re_enveloped_as_schema_3_does_not_verify() {
+    // The controller's schema-2 signature covers the schema-2 context only.
+    let bytes = fixture_of("v2", "desired.msg");
+    let (_, payload) = codec::open(&bytes, Kind::SignedDesired, 2..=2, 1 << 20).unwrap();
+    let signed: skiff_common::protocol::SignedDesired = codec::decode_payload(payload).unwrap();
+    let as_3 = codec::encode(Kind::SignedDesired, 3, &signed).unwrap();
+    let key = SigningKey::from_bytes(&[7; 32]).verifying_key();
+    let device = DeviceId::try_from("pi-2").unwrap();
+    let e = open_desired_body(&as_3, &device, &key).unwrap_err();
+    assert!(e.to_string().contains("signature"), "{e}");
 }

@@ -9,7 +9,7 @@ use skiff_common::quantity::format_duration;
 use skiff_common::validate::{ValidationError, MAX_APPS};
 use skiff_common::{
     toml_file, AppName, AppSpec, Capability, DesiredState, ImageRef, Mount, NetworkMode, Origin, Probe,
-    ProbeAction, PullPolicy, Resources, RestartPolicy, Seccomp, Security, User,
+    ProbeAction, PullPolicy, Resources, RestartPolicy, Rollout, Seccomp, Security, User,
 };
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -233,6 +233,11 @@ fn render_probe(out: &mut String, kind: &str, p: &Probe) {
 
 fn render(state: &DesiredState) -> String {
     let mut out = String::new();
+    if state.rollout != Rollout::default() {
+        let r = &state.rollout;
+        writeln!(out, "[rollout]\nstable = {}", q(&format_duration(r.stable))).unwrap();
+        writeln!(out, "deadline = {}\nrollback = {}", q(&format_duration(r.deadline)), r.rollback).unwrap();
+    }
     for a in &state.apps {
         writeln!(out, "[[app]]\nname = {}\nimage = {}", q(a.name.as_str()), q(&a.image.to_string())).unwrap();
         writeln!(out, "pull = {}", q(a.pull.as_str())).unwrap();
@@ -330,7 +335,16 @@ fn state(rng: &mut Rng) -> DesiredState {
         let dup = apps[0].clone();
         apps.insert(0, dup);
     }
-    DesiredState { generation: 0, origin: Origin::Local, apps }
+    let rollout = if rng.chance(30) {
+        Rollout {
+            stable: rng.edge(&[ms(60_000), ms(0), ms(H24), ms(H24 + 1), ms(90_000)]),
+            deadline: rng.edge(&[ms(300_000), ms(1000), ms(7 * H24), ms(999), ms(7 * H24 + 1), ms(30_000)]),
+            rollback: rng.chance(50),
+        }
+    } else {
+        Rollout::default()
+    };
+    DesiredState { generation: 0, origin: Origin::Local, apps, rollout }
 }
 
 fn compare(state: &DesiredState, counts: &mut [usize; 2]) {
@@ -341,6 +355,13 @@ fn compare(state: &DesiredState, counts: &mut [usize; 2]) {
         (Ok(()), Ok(p)) => assert_eq!(p, state, "the file gives back another state:\n{text}"),
         (Err(ValidationError::App { app, field, message }), Err(errors)) => {
             let want = format!("app {app:?}: {field}");
+            assert!(
+                errors.iter().any(|e| e.field == want),
+                "validate: {want}: {message}; the TOML validator names other fields: {errors:?}\n{text}"
+            );
+        }
+        (Err(ValidationError::Rollout { field, message }), Err(errors)) => {
+            let want = format!("rollout.{field}");
             assert!(
                 errors.iter().any(|e| e.field == want),
                 "validate: {want}: {message}; the TOML validator names other fields: {errors:?}\n{text}"
@@ -390,7 +411,7 @@ fn the_app_cap_is_the_same_in_both() {
                 security: Security::default(),
             };
         }
-        let s = DesiredState { generation: 0, origin: Origin::Local, apps };
+        let s = DesiredState { apps, ..DesiredState::empty() };
         let mut counts = [0; 2];
         compare(&s, &mut counts);
         assert_eq!(counts[1], usize::from(n == MAX_APPS));

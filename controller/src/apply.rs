@@ -29,9 +29,9 @@ use skiff_common::protocol::{
     KeyId,
 };
 use skiff_common::validate::MAX_GENERATION;
-use skiff_common::{toml_file, Origin};
+use skiff_common::{toml_file, DesiredState, Origin};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct ApplyArgs {
@@ -64,22 +64,23 @@ pub struct ApplyArgs {
     resolve: ResolveArgs,
 }
 
-pub async fn apply(args: ApplyArgs) -> Result<()> {
-    let text = localfile::read_to_string(&args.file, localfile::STATE_TOML_LIMIT)?;
-    let mut state = match toml_file::parse(&text) {
-        Ok(s) => s,
+/// Reads and validates an apps.toml; every error is printed with its place.
+pub fn read_state(path: &Path) -> Result<DesiredState> {
+    let text = localfile::read_to_string(path, localfile::STATE_TOML_LIMIT)?;
+    match toml_file::parse(&text) {
+        Ok(s) => Ok(s),
         Err(errors) => {
             for e in &errors {
-                eprintln!("{}:{e}", args.file.display());
+                eprintln!("{}:{e}", path.display());
             }
-            return Err(ConfigError(format!(
-                "{}: {} error(s); nothing was published",
-                args.file.display(),
-                errors.len()
-            ))
-            .into());
+            Err(ConfigError(format!("{}: {} error(s); nothing was published", path.display(), errors.len()))
+                .into())
         }
-    };
+    }
+}
+
+pub async fn apply(args: ApplyArgs) -> Result<()> {
+    let mut state = read_state(&args.file)?;
     let devices = targets(&args)?;
     let key = keys::read_secret(&args.key)?;
     for p in pin_images(&args.resolve, &mut state).await? {

@@ -3,12 +3,14 @@
 //! `keygen` makes the controller's ed25519 key pair; `apply` validates an
 //! `apps.toml`, signs it for each target device and publishes it retained;
 //! `status` prints what every device reports; `events` prints what devices
-//! said happened. Everything goes through the broker (see
+//! said happened; `rollout` applies a state to a group in waves, each tested
+//! and committed on its devices before the next. Everything goes through the broker (see
 //! `skiff_common::protocol`); skiffctl keeps no state of its own besides the
 //! key files. Errors go to stderr with a non-zero exit: 1 for failures, 2 for
 //! usage errors (clap), 3 for configuration errors (a file or setting no retry
-//! can fix: apps.toml, fleet file, key, broker URL, TLS files); each cause
-//! of an error is printed once.
+//! can fix: apps.toml, fleet file, key, broker URL, TLS files), 4 and 5 for
+//! a rollout stopped by a failed device or a timeout; each cause of an error
+//! is printed once.
 
 mod apply;
 mod events;
@@ -20,6 +22,8 @@ mod keys;
 mod localfile;
 mod mqtt;
 mod resolve;
+mod rollout;
+mod rollout_cmd;
 mod show;
 mod status;
 
@@ -44,6 +48,10 @@ enum Command {
     Status(status::StatusArgs),
     /// Print device events queued since the last run; --follow keeps printing.
     Events(events::EventsArgs),
+    /// Roll a state out to a group in waves: each wave must commit it (tested
+    /// on the devices) before the next one gets it. Exit 4: a device failed
+    /// or rolled back; 5: a wave timed out.
+    Rollout(rollout_cmd::RolloutArgs),
 }
 
 /// A file or setting that no retry can fix: exit code 3.
@@ -66,12 +74,15 @@ fn main() -> ExitCode {
         Command::Apply(a) => runtime().and_then(|rt| rt.block_on(apply::apply(a))),
         Command::Status(a) => runtime().and_then(|rt| rt.block_on(status::status(a))),
         Command::Events(a) => runtime().and_then(|rt| rt.block_on(events::events(a))),
+        Command::Rollout(a) => runtime().and_then(|rt| rt.block_on(rollout_cmd::rollout(a))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("skiffctl: error: {}", report(&err));
-            if err.chain().any(|c| c.is::<ConfigError>() || c.is::<localfile::LocalFileError>()) {
+            if let Some(s) = err.downcast_ref::<rollout_cmd::Stopped>() {
+                ExitCode::from(s.code)
+            } else if err.chain().any(|c| c.is::<ConfigError>() || c.is::<localfile::LocalFileError>()) {
                 ExitCode::from(EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE

@@ -1,5 +1,11 @@
 //! `skiffctl status`: every device the broker holds retained messages for,
 //! from its `desired`, `reported` and `online` topics. Read-only.
+//!
+//! Per device it shows the rollout columns too: the last good (committed)
+//! generation, the one on test, and the last one that failed its test (with
+//! the app and the reason below the table). An agent that reports a schema
+//! before rollouts has no testing phase: its applied generation counts as
+//! committed, and the table says so.
 
 use crate::mqtt::{random_client_id, BrokerArgs, Conn};
 use crate::show::{ago, table, unix_now, utc};
@@ -38,6 +44,14 @@ pub struct DeviceView {
     /// The device's clock when it last reported (0/None: unknown).
     pub last_seen_unix: Option<u64>,
     pub apps: Vec<AppStatus>,
+    /// The last good generation (the applied one for an agent before rollouts).
+    pub committed_generation: Option<u64>,
+    /// The generation on test, not yet committed.
+    pub testing_generation: Option<u64>,
+    /// The last generation that failed its test, why, and whether it was rolled back.
+    pub failed: Option<skiff_common::RolloutFailure>,
+    /// The reported payload's schema; below 3 the agent predates rollouts.
+    pub reported_schema: Option<u8>,
     pub last_rejection: Option<Rejection>,
     /// Image pulls under way or failed on the device.
     pub pulls: Vec<skiff_common::PullStatus>,
@@ -78,6 +92,11 @@ pub async fn status(args: StatusArgs) -> Result<()> {
             },
             Channel::Reported => match decode_reported(&p.payload) {
                 Ok(r) => {
+                    // Byte 5 of the envelope header: its schema (decoded fine above).
+                    v.reported_schema = p.payload.get(5).copied();
+                    v.committed_generation = Some(r.rollout.committed);
+                    v.testing_generation = r.rollout.testing;
+                    v.failed = r.rollout.failed;
                     v.applied_generation = Some(r.generation_applied);
                     v.origin = Some(r.origin);
                     v.agent_version = Some(r.agent_version);
@@ -105,7 +124,9 @@ pub async fn status(args: StatusArgs) -> Result<()> {
 fn render(views: &[DeviceView], now: u64) -> String {
     let opt = |g: Option<u64>| g.map_or("-".to_string(), |g| g.to_string());
     let mut rows =
-        vec![["DEVICE", "ONLINE", "DESIRED", "APPLIED", "SEEN", "APPS"].map(String::from).to_vec()];
+        vec![["DEVICE", "ONLINE", "DESIRED", "APPLIED", "COMMITTED", "TESTING", "FAILED", "SEEN", "APPS"]
+            .map(String::from)
+            .to_vec()];
     for v in views {
         let online = match v.online {
             Some(true) => "yes",
@@ -121,6 +142,15 @@ fn render(views: &[DeviceView], now: u64) -> String {
             online.into(),
             format!("{}{pending}", opt(v.desired_generation)),
             opt(v.applied_generation),
+            match (v.committed_generation, legacy(v)) {
+                (Some(0), false) => "none".into(),
+                (Some(c), true) => format!("{c} (untested)"),
+                (c, _) => opt(c),
+            },
+            opt(v.testing_generation),
+            v.failed.as_ref().map_or("-".into(), |f| {
+                format!("{} ({})", f.generation, if f.rolled_back { "rolled back" } else { "running" })
+            }),
             v.last_seen_unix.map_or("-".into(), |t| ago(t, now)),
             v.apps.len().to_string(),
         ]);
@@ -146,6 +176,25 @@ fn render(views: &[DeviceView], now: u64) -> String {
             out.push('\n');
             out.push_str(&table(&lines));
         }
+        if let Some(f) = &v.failed {
+            let app = f.app.as_ref().map_or(String::new(), |a| format!(" (app {a})"));
+            let then = if f.rolled_back {
+                format!("rolled back to generation {}", opt(v.committed_generation))
+            } else {
+                "not rolled back, it runs on".into()
+            };
+            out.push_str(&format!(
+                "  {}: generation {} failed{app}: {}; {then}\n",
+                v.device, f.generation, f.reason
+            ));
+        }
+        if legacy(v) {
+            out.push_str(&format!(
+                "  {}: agent before rollouts (report schema {}): generations are not tested, each counts as committed once applied; it refuses schema-3 states (upgrade it)\n",
+                v.device,
+                v.reported_schema.unwrap_or(0)
+            ));
+        }
         if let Some(r) = &v.last_rejection {
             let g = r.generation.map_or(String::new(), |g| format!(" generation {g}"));
             out.push_str(&format!("  {}: last refused{g}: {}\n", v.device, r.reason));
@@ -165,6 +214,11 @@ fn render(views: &[DeviceView], now: u64) -> String {
         }
     }
     out
+}
+
+/// An agent that reports a schema before rollouts (no testing phase).
+fn legacy(v: &DeviceView) -> bool {
+    v.reported_schema.is_some_and(|s| s < 3)
 }
 
 /// The kebab-case name serde gives a unit enum variant.
@@ -203,10 +257,54 @@ mod tests {
                 ..Default::default()
             },
             DeviceView { device: "pi-2".into(), ..Default::default() },
+            DeviceView {
+                device: "pi-3".into(),
+                desired_generation: Some(12),
+                applied_generation: Some(12),
+                committed_generation: Some(10),
+                testing_generation: Some(12),
+                failed: Some(skiff_common::RolloutFailure {
+                    generation: 11,
+                    app: Some(AppName::try_from("db").unwrap()),
+                    reason: "exited with code 1 three times".into(),
+                    rolled_back: true,
+                }),
+                reported_schema: Some(3),
+                ..Default::default()
+            },
+            DeviceView {
+                device: "pi-4".into(),
+                applied_generation: Some(7),
+                committed_generation: Some(7),
+                reported_schema: Some(2),
+                ..Default::default()
+            },
         ];
         let out = render(&views, 1010);
-        assert!(out.contains("pi-1    yes     9 (pending)  8        10s ago  1"), "{out}");
+        let header = out.lines().next().unwrap();
+        assert_eq!(
+            header,
+            "DEVICE  ONLINE  DESIRED      APPLIED  COMMITTED     TESTING  FAILED            SEEN     APPS"
+        );
+        assert!(
+            out.contains(
+                "pi-1    yes     9 (pending)  8        -             -        -                 10s ago  1"
+            ),
+            "{out}"
+        );
         assert!(out.contains("pi-2    ?       -"), "{out}");
+        assert!(
+            out.contains(
+                "pi-3    ?       12           12       10            12       11 (rolled back)  -        0"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("pi-4    ?       -            7        7 (untested)  -        -"), "{out}");
+        assert!(
+            out.contains("pi-3: generation 11 failed (app db): exited with code 1 three times; rolled back to generation 10"),
+            "{out}"
+        );
+        assert!(out.contains("pi-4: agent before rollouts (report schema 2)"), "{out}");
         assert!(out.contains("pi-1/web  running  live=passing  ready=none  restarts=2  busybox:1"), "{out}");
         assert!(out.contains("pi-1: last refused generation 7: refused: bad"), "{out}");
     }

@@ -64,6 +64,7 @@ async fn take(
         last_rejection: None,
         sent_unix: 0,
         pulls: Vec::new(),
+        rollout: Default::default(),
     });
     loop {
         let r = decode_reported(&obs.next_on("/reported", S5).await?.payload)?;

@@ -153,6 +153,7 @@ async fn keygen_apply_status_events() -> Result<()> {
         last_rejection: None,
         sent_unix: 0,
         pulls: Vec::new(),
+        rollout: Default::default(),
     });
 
     // Status: retained messages only, read until the report is in.

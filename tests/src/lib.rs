@@ -9,3 +9,4 @@ pub mod board;
 pub mod fleet;
 pub mod mqtt;
 pub mod registry;
+pub mod sim_device;

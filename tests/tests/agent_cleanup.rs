@@ -171,3 +171,58 @@ fn pid_exhaustion_fails_starts_and_never_aborts_the_agent() {
     assert!(alive(agent as i64));
     assert!(!sb.agent_log().contains("panicked"), "{}", sb.agent_log());
 }
+
+/// Threads of `pid` now (0 once it is gone).
+fn threads(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:").and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+#[test]
+fn stopping_fifty_apps_at_once_takes_no_thread_per_stop() {
+    const N: usize = 50;
+    const GRACE: Duration = Duration::from_secs(3);
+    let mut sb = Sandbox::new();
+    sb.start_agent();
+    // `sleep` as a container's init has no SIGTERM handler, so the kernel
+    // ignores SIGTERM for it: every stop lasts its grace period, then SIGKILL.
+    let toml: String = (0..N)
+        .map(|i| {
+            format!(
+                "[[app]]\nname = \"s-{i:02}\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"600\"]\nstop_grace = \"{}s\"\n",
+                GRACE.as_secs()
+            )
+        })
+        .collect();
+    sb.apply(&toml);
+    wait_for(Duration::from_secs(300), "every app running", || {
+        let ps = sb.ps();
+        let apps = ps["apps"].as_array().unwrap();
+        (apps.iter().filter(|a| a["phase"] == "running").count() == N).then_some(())
+    });
+    let agent = sb.agent_pid().unwrap();
+    // Blocking-pool threads of the start linger for tokio's 10 s keep-alive.
+    std::thread::sleep(Duration::from_secs(11));
+    let idle = threads(agent);
+    let t = std::time::Instant::now();
+    sb.apply("");
+    // Until the grace period ends only the stops run: SIGTERM to 50 inits,
+    // then waiting for their exits.
+    let mut in_grace = 0;
+    while t.elapsed() < GRACE - Duration::from_millis(300) {
+        in_grace = in_grace.max(threads(agent));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut overall = in_grace;
+    wait_for(Duration::from_secs(120), "every app removed", || {
+        overall = overall.max(threads(agent));
+        sb.ps()["apps"].as_array().unwrap().is_empty().then_some(())
+    });
+    eprintln!("agent threads: idle {idle}, peak during the grace period {in_grace}, peak until all removed {overall}");
+    // A few blocking-pool threads serve the apply itself (the state file);
+    // a thread per signal would be dozens (32 at the peak when it was so).
+    assert!(in_grace <= idle + 8, "{N} stops took threads: {idle} idle, {in_grace} while stopping");
+}

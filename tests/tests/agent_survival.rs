@@ -1,6 +1,6 @@
 //! The agent can die and the machine can reboot: workloads go on or come back.
 
-use skiff_tests::agent::{alive, Sandbox};
+use skiff_tests::agent::{alive, eventually, Sandbox};
 use std::time::Duration;
 
 const APPS: &str = r#"
@@ -73,5 +73,57 @@ fn reboot_with_no_network_brings_every_app_back() {
         let now = sb.wait_running(name);
         assert_ne!(now["pid"], a["pid"]);
         assert_eq!(now["restarts"], 0, "a fresh boot is not a restart: {now}");
+    }
+}
+
+/// The agent's open pidfds.
+fn pidfds(pid: u32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
+    fds.flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:[pidfd]"))
+        .count()
+}
+
+#[test]
+fn adopted_apps_are_watched_through_pidfds_and_their_exit_codes_reported() {
+    const IDLE: usize = 5;
+    let mut sb = Sandbox::new();
+    sb.start_agent();
+    let mut toml: String = (0..IDLE)
+        .map(|i| format!("[[app]]\nname = \"idle-{i}\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"600\"]\nstop_grace = \"0s\"\n"))
+        .collect();
+    toml.push_str(
+        "[[app]]\nname = \"coded\"\nimage = \"busybox:1\"\nrestart = \"never\"\n\
+         command = [\"sh\", \"-c\", \"while [ ! -e /tmp/stop ]; do sleep 0.1; done; exit 7\"]\n",
+    );
+    sb.apply(&toml);
+    let names: Vec<String> = (0..IDLE).map(|i| format!("idle-{i}")).chain(["coded".to_string()]).collect();
+    let before: Vec<_> = names.iter().map(|n| sb.wait_running(n)["pid"].clone()).collect();
+    sb.kill_agent();
+    sb.start_agent();
+    let after: Vec<_> = names.iter().map(|n| sb.wait_running(n)["pid"].clone()).collect();
+    assert_eq!(before, after, "adopted, not restarted");
+    // Each adopted shim is watched through a pidfd: its exit wakes the agent,
+    // no timer reads /proc meanwhile.
+    let agent = sb.agent_pid().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || pidfds(agent) == names.len()),
+        "the agent holds {} pidfds for {} adopted shims",
+        pidfds(agent),
+        names.len()
+    );
+    let pid = after[IDLE].as_i64().unwrap();
+    std::fs::write(format!("/proc/{pid}/root/tmp/stop"), "").unwrap();
+    let coded = sb.wait_app("coded", Duration::from_secs(20), "exited", |a| a["phase"] == "exited");
+    assert_eq!(coded["last_exit"]["code"], 7, "{coded}");
+    assert_eq!(coded["restarts"], 0, "{coded}");
+    // The exited shim's pidfd is closed; the others stay watched.
+    assert!(
+        eventually(Duration::from_secs(5), || pidfds(agent) == IDLE),
+        "{} pidfds left for {IDLE} adopted shims",
+        pidfds(agent)
+    );
+    for n in &names[..IDLE] {
+        assert_eq!(sb.app(n)["phase"], "running");
     }
 }

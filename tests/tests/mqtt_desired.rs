@@ -169,6 +169,7 @@ async fn refused_states_are_acknowledged_reported_and_never_applied() -> Result<
         last_rejection: None,
         sent_unix: 0,
         pulls: Vec::new(),
+        rollout: Default::default(),
     });
     let reported = decode_reported(&obs.next_on("/reported", S5).await?.payload)?;
     assert_eq!(reported.generation_applied, 5);

@@ -36,6 +36,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 mod ports;
+mod rollouts;
 #[cfg(test)]
 mod tests;
 
@@ -82,6 +83,8 @@ pub struct Parts {
     pub notify: Option<crate::sdnotify::Notifier>,
     /// The reserve and the apps' budget, shown by `ps`.
     pub headroom: Option<crate::headroom::Headroom>,
+    /// The rollout record and the last good state, as read at start.
+    pub rollout: crate::store::RolloutFiles,
 }
 
 /// The longest `READY=1` waits for the apps of the stored state to be created
@@ -115,6 +118,7 @@ struct View {
     apps: Vec<AppStatus>,
     pulls: Vec<PullStatus>,
     link: Option<tokio::sync::watch::Receiver<crate::link::LinkStatus>>,
+    rollout: Option<skiff_common::RolloutStatus>,
 }
 
 /// Runs a blocking closure on tokio's blocking pool and sends its result to the loop.
@@ -147,7 +151,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let listener = bind_socket(&paths)?;
     let socket = paths.socket();
     let s = states.clone();
-    let initial = tokio::task::spawn_blocking(move || s.load()).await?;
+    let (initial, rollout) = tokio::task::spawn_blocking(move || (s.load(), s.load_rollout())).await?;
     let generation = initial.as_ref().map_or(0, |(s, _)| s.generation);
     let (link, incoming) = match cfg.link {
         Some(lc) => {
@@ -168,6 +172,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         initial,
         notify: cfg.notify,
         headroom: cfg.headroom,
+        rollout,
     };
     let r = run_with(parts, shutdown).await;
     let _ = std::fs::remove_file(&socket);
@@ -188,6 +193,7 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
         initial,
         notify,
         headroom,
+        rollout,
     } = parts;
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
     let view = Arc::new(Mutex::new(View::default()));
@@ -195,6 +201,8 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
     tokio::spawn(watch_state_file(states.path(), tx.clone()));
 
     let mut rec = Reconciler::new(backoff);
+    let stored = initial.as_ref().ok().map(|(s, _)| s.generation);
+    let mut rollouts = rollouts::Rollouts::new(states.clone(), rollout, stored);
     let mut intake = Intake::new();
     let mut digests: HashMap<AppName, String> = HashMap::new();
     let pulls: Arc<Mutex<BTreeMap<String, PullStatus>>> = Arc::default();
@@ -241,10 +249,10 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
     let mut actions = Vec::new();
     if let Ok(initial) = initial {
         for out in intake.step(intake::Input::Loaded { result: Ok(initial) }) {
-            actions.extend(ex.carry_out_intake(out, &mut rec, now, link.as_ref()));
+            actions.extend(ex.carry_out_intake(out, &mut rec, &mut rollouts, now, link.as_ref()));
         }
     }
-    publish(&rec, &digests, &pulls, &view);
+    publish(&rec, &digests, &pulls, &view, &rollouts);
     let c = containers.clone();
     let found = tokio::task::spawn_blocking(move || c.scan()).await?;
     if unreadable {
@@ -290,9 +298,11 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
         };
         actions.extend(rec.step(ev, now));
     }
+    rollouts.feed(&actions);
     ex.carry_out(actions, link.as_ref());
-    publish(&rec, &digests, &pulls, &view);
-    report(&rec, intake.applied().origin, &view, link.as_ref(), &mut reported);
+    judge(&mut rollouts, &mut rec, &intake, &mut ex, now, link.as_ref());
+    publish(&rec, &digests, &pulls, &view, &rollouts);
+    report(intake.applied(), &view, link.as_ref(), &mut reported);
 
     // systemd: READY once the stored state's apps are adopted or created (or
     // READY_WAIT passed); watchdog pings from this loop, so a hung loop misses them.
@@ -311,6 +321,7 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
             _ = &mut shutdown => break,
             i = rx.recv() => i,
             _ = sleep_until(deadline) => Some(Input::Event(Box::new(Event::Tick))),
+            _ = sleep_until(rollouts.deadline()) => Some(Input::Event(Box::new(Event::Tick))),
             _ = sleep_until(ready_by) => Some(Input::Timer),
             _ = tick(pings.as_mut()) => Some(Input::Timer),
         };
@@ -332,6 +343,13 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
             }
             Input::Digest(app, digest) => {
                 digests.insert(app, digest);
+                Vec::new()
+            }
+            Input::Link(crate::link::Incoming::Desired { state, persisted })
+                if !rollouts.offered(&state, now) =>
+            {
+                // A generation that failed its rollout: taken, and not tried again.
+                let _ = persisted.send(Ok(()));
                 Vec::new()
             }
             Input::Link(crate::link::Incoming::Desired { state, persisted }) => {
@@ -363,11 +381,13 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
             }
         };
         for out in outs {
-            actions.extend(ex.carry_out_intake(out, &mut rec, now, link.as_ref()));
+            actions.extend(ex.carry_out_intake(out, &mut rec, &mut rollouts, now, link.as_ref()));
         }
+        rollouts.feed(&actions);
         ex.carry_out(actions, link.as_ref());
-        publish(&rec, &digests, &pulls, &view);
-        report(&rec, intake.applied().origin, &view, link.as_ref(), &mut reported);
+        judge(&mut rollouts, &mut rec, &intake, &mut ex, now, link.as_ref());
+        publish(&rec, &digests, &pulls, &view, &rollouts);
+        report(intake.applied(), &view, link.as_ref(), &mut reported);
         tell_if_ready(notify.as_ref(), &mut ready_by, &rec, &pulls, now);
     }
     info!("agent stopping; containers keep running");
@@ -426,23 +446,58 @@ fn since(boot_ms: u64, now: Instant) -> Instant {
     now.checked_sub(Duration::from_millis(age)).unwrap_or(now)
 }
 
-type ReportKey = (u64, Origin, Vec<AppStatus>, Vec<PullStatus>);
+type ReportKey = (u64, Origin, Vec<AppStatus>, Vec<PullStatus>, skiff_common::RolloutStatus);
+
+/// Lets the trial judge the apps after a step; carries out its verdict: the
+/// events, and the last good state handed to the reconciler on a rollback.
+fn judge(
+    rollouts: &mut rollouts::Rollouts,
+    rec: &mut Reconciler,
+    intake: &Intake,
+    ex: &mut Executor,
+    now: Instant,
+    link: Option<&LinkHandle>,
+) {
+    let Some((verdict, back)) = rollouts.observe(intake.applied(), &rec.status(), now) else { return };
+    let (kind, app, detail) = match verdict {
+        crate::rollout::Verdict::Commit { generation } => {
+            (EventKind::Committed, None, format!("generation {generation} passed its test"))
+        }
+        crate::rollout::Verdict::Fail(f) => {
+            let back_to =
+                back.as_ref().map(|b| format!("; back to generation {}", b.generation)).unwrap_or_default();
+            let kind = if back.is_some() { EventKind::RolledBack } else { EventKind::Error };
+            (kind, f.app, format!("generation {} failed its test: {}{back_to}", f.generation, f.reason))
+        }
+    };
+    if let Some(l) = link {
+        l.event(kind, app, detail);
+    }
+    if let Some(good) = back {
+        let actions = rec.step(Event::Desired(good), now);
+        rollouts.feed(&actions);
+        ex.carry_out(actions, link);
+    }
+}
 
 /// Sends the observed state up when it changed since the last report (the
-/// link itself re-sends the newest one on every reconnect).
+/// link itself re-sends the newest one on every reconnect). The generation
+/// reported is the newest one handed over (also when it failed its test and
+/// the last good one runs: `rollout` says so), so the controller's re-sends
+/// of a failed generation are recognised and not tried again.
 fn report(
-    rec: &Reconciler,
-    origin: Origin,
+    applied: &DesiredState,
     view: &Mutex<View>,
     link: Option<&LinkHandle>,
     last: &mut Option<ReportKey>,
 ) {
     let Some(link) = link else { return };
-    let (apps, pulls) = {
+    let (apps, pulls, rollout) = {
         let v = view.lock().unwrap_or_else(|p| p.into_inner());
-        (v.apps.clone(), v.pulls.clone())
+        (v.apps.clone(), v.pulls.clone(), v.rollout.clone().unwrap_or_default())
     };
-    let now = (rec.generation(), origin, apps, pulls);
+    let origin = applied.origin;
+    let now = (applied.generation, origin, apps, pulls, rollout);
     if last.as_ref() == Some(&now) {
         return;
     }
@@ -452,6 +507,7 @@ fn report(
         origin,
         apps: now.2.clone(),
         pulls: now.3.clone(),
+        rollout: now.4.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         last_rejection: None,
         sent_unix: 0,
@@ -464,6 +520,7 @@ fn publish(
     digests: &HashMap<AppName, String>,
     pulls: &Mutex<BTreeMap<String, PullStatus>>,
     view: &Mutex<View>,
+    rollouts: &rollouts::Rollouts,
 ) {
     let mut apps = rec.status();
     for a in &mut apps {
@@ -474,6 +531,7 @@ fn publish(
     v.generation = rec.generation();
     v.apps = apps;
     v.pulls = pulls;
+    v.rollout = Some(rollouts.status());
 }
 
 struct Executor {
@@ -502,6 +560,7 @@ impl Executor {
         &mut self,
         out: intake::Output,
         rec: &mut Reconciler,
+        rollouts: &mut rollouts::Rollouts,
         now: Instant,
         link: Option<&LinkHandle>,
     ) -> Vec<Action> {
@@ -518,6 +577,20 @@ impl Executor {
                 Vec::new()
             }
             intake::Output::Answer { generation, result } => {
+                if let Err(reason) = &result {
+                    if let Some(f) = rollouts.not_taken(generation, reason, now) {
+                        if let Some(l) = link {
+                            let detail = format!("generation {generation} given up: {}", f.reason);
+                            l.event(EventKind::RolledBack, f.app, detail);
+                        }
+                        // Taken as far as the link goes: the controller learns
+                        // from the report that it failed, and need not re-send it.
+                        if let Some(tx) = self.answers.remove(&generation) {
+                            let _ = tx.send(Ok(()));
+                        }
+                        return Vec::new();
+                    }
+                }
                 match &result {
                     Ok(()) => info!(generation, "desired state from the controller persisted"),
                     Err(reason) => warn!(generation, %reason, "controller's desired state not taken (yet)"),
@@ -529,9 +602,20 @@ impl Executor {
             }
             intake::Output::Apply { state } => {
                 info!(generation = state.generation, apps = state.apps.len(), "applying the desired state");
-                rec.step(Event::Desired(state), now)
+                let handover = rollouts.handover(state, now);
+                if let (Some(why), Some(l)) = (&handover.rolled_back, link) {
+                    let detail = format!(
+                        "generation {} is not run again ({why}); running generation {}",
+                        rollouts.status().failed.map(|f| f.generation).unwrap_or_default(),
+                        handover.run.generation
+                    );
+                    l.event(EventKind::RolledBack, None, detail);
+                }
+                rec.step(Event::Desired(handover.run), now)
             }
             intake::Output::Collect { mut keep } => {
+                // The last good state's images stay: a rollback needs them.
+                keep.extend(rollouts.good_images());
                 let (images, containers) = (self.images.clone(), self.containers.clone());
                 tokio::task::spawn_blocking(move || {
                     // What a container still runs from (one being stopped, or one a
@@ -791,7 +875,7 @@ async fn serve_api(
             let reply = match api::read_request(&mut r).await {
                 Err(message) => Response::Error { message },
                 Ok(Request::Ps) => {
-                    let (generation, apps, link, pulls) = {
+                    let (generation, apps, link, pulls, rollout) = {
                         let v = view.lock().unwrap_or_else(|p| p.into_inner());
                         let link = v.link.as_ref().map(|l| {
                             let s = l.borrow();
@@ -801,10 +885,18 @@ async fn serve_api(
                                 last_error: s.last_error.clone(),
                             }
                         });
-                        (v.generation, v.apps.clone(), link, v.pulls.clone())
+                        (v.generation, v.apps.clone(), link, v.pulls.clone(), v.rollout.clone())
                     };
                     let usage = usage.as_ref().map(|u| u.of(&apps)).unwrap_or_default();
-                    Response::Ps(PsReply { generation, apps, usage, link, pulls, headroom })
+                    Response::Ps(Box::new(PsReply {
+                        generation,
+                        apps,
+                        usage,
+                        link,
+                        pulls,
+                        headroom,
+                        rollout,
+                    }))
                 }
                 Ok(Request::Reload) => {
                     let (otx, orx) = tokio::sync::oneshot::channel();

@@ -8,9 +8,10 @@
 
 use crate::image::ImageStore;
 use crate::paths::Paths;
+use crate::rollout::Record;
 use crate::runtime::instance::Started;
 use crate::runtime::{Found, Runtime};
-use crate::store::StateStore;
+use crate::store::{RolloutFiles, StateStore};
 use skiff_common::{AppName, AppSpec, DesiredState, ExitInfo, ImageRef, Probe};
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -60,6 +61,12 @@ pub trait States: Send + Sync + 'static {
     fn save(&self, state: DesiredState) -> Result<(), String>;
     /// The file `skiff apply` writes (watched for changes).
     fn path(&self) -> PathBuf;
+    /// The rollout record and the last good state (blocking).
+    fn load_rollout(&self) -> RolloutFiles;
+    /// Writes the rollout record (blocking).
+    fn save_record(&self, record: &Record) -> Result<(), String>;
+    /// Keeps `state` as the last good one, then writes `record` (blocking).
+    fn commit(&self, state: &DesiredState, record: &Record) -> Result<(), String>;
 }
 
 /// The image side: look-ups, pulls and collection.
@@ -142,6 +149,18 @@ impl States for StateStore {
 
     fn path(&self) -> PathBuf {
         StateStore::path(self)
+    }
+
+    fn load_rollout(&self) -> RolloutFiles {
+        StateStore::load_rollout(self)
+    }
+
+    fn save_record(&self, record: &Record) -> Result<(), String> {
+        StateStore::save_record(self, record).map_err(|e| e.to_string())
+    }
+
+    fn commit(&self, state: &DesiredState, record: &Record) -> Result<(), String> {
+        StateStore::commit(self, state, record).map_err(|e| e.to_string())
     }
 }
 

@@ -148,6 +148,9 @@ struct FakeStates {
     /// A slow SD card: each save takes this long (blocking).
     slow_saves: Mutex<Duration>,
     path: PathBuf,
+    /// `rollout.skf` and `good.skf`.
+    record: Mutex<Option<crate::rollout::Record>>,
+    good: Mutex<Option<DesiredState>>,
 }
 
 impl States for FakeStates {
@@ -168,6 +171,24 @@ impl States for FakeStates {
 
     fn path(&self) -> PathBuf {
         self.path.clone()
+    }
+
+    fn load_rollout(&self) -> crate::store::RolloutFiles {
+        crate::store::RolloutFiles {
+            record: self.record.lock().unwrap().clone(),
+            good: self.good.lock().unwrap().clone(),
+            problems: Vec::new(),
+        }
+    }
+
+    fn save_record(&self, record: &crate::rollout::Record) -> Result<(), String> {
+        *self.record.lock().unwrap() = Some(record.clone());
+        Ok(())
+    }
+
+    fn commit(&self, state: &DesiredState, record: &crate::rollout::Record) -> Result<(), String> {
+        *self.good.lock().unwrap() = Some(state.clone());
+        self.save_record(record)
     }
 }
 
@@ -243,11 +264,26 @@ impl Harness {
         Harness::start_with(Ok((initial, None)), Vec::new(), present, None)
     }
 
+    /// Starts with rollout files set up by `before` on the fake store.
+    fn start_on_flash(initial: DesiredState, present: &[&str], before: impl FnOnce(&FakeStates)) -> Harness {
+        Harness::start_full(Ok((initial, None)), Vec::new(), present, None, before)
+    }
+
     fn start_with(
         initial: Result<(DesiredState, Option<String>), String>,
         left: Vec<(AppSpec, u64)>,
         present: &[&str],
         notify: Option<crate::sdnotify::Notifier>,
+    ) -> Harness {
+        Harness::start_full(initial, left, present, notify, |_| {})
+    }
+
+    fn start_full(
+        initial: Result<(DesiredState, Option<String>), String>,
+        left: Vec<(AppSpec, u64)>,
+        present: &[&str],
+        notify: Option<crate::sdnotify::Notifier>,
+        before: impl FnOnce(&FakeStates),
     ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("skiff.sock");
@@ -259,7 +295,10 @@ impl Harness {
             fail_saves: Mutex::default(),
             slow_saves: Mutex::default(),
             path: dir.path().join("desired.skf"),
+            record: Mutex::default(),
+            good: Mutex::default(),
         });
+        before(&states);
         let images = Arc::new(FakeImages::default());
         images.present.lock().unwrap().extend(present.iter().map(|s| img(s)));
         let (link, incoming) = mpsc::channel(4);
@@ -275,6 +314,7 @@ impl Harness {
             initial,
             notify,
             headroom: None,
+            rollout: states.load_rollout(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run_with(parts, async move {
@@ -285,7 +325,7 @@ impl Harness {
 
     async fn ps(&self) -> PsReply {
         match api::call(&self.socket, &Request::Ps).await.unwrap() {
-            Response::Ps(p) => p,
+            Response::Ps(p) => *p,
             other => panic!("{other:?}"),
         }
     }
@@ -542,6 +582,13 @@ async fn systemd_hears_ready_once_the_apps_are_created_and_pings_come_from_the_l
     assert!(after <= before + 1, "{} pings while the loop hung", after - before);
     h.until("pings again", |_| systemd.pings.load(Ordering::SeqCst) >= after + 2).await;
     h.shutdown().await;
+    // The listener thread may not have read the last datagram yet.
+    for _ in 0..500 {
+        if systemd.got.lock().unwrap().iter().any(|m| m == "STOPPING=1") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let got = systemd.got.lock().unwrap().clone();
     assert_eq!(got.iter().filter(|m| m.starts_with("READY")).count(), 1, "READY once");
     assert_eq!(got.last().map(String::as_str), Some("STOPPING=1"));
@@ -560,5 +607,157 @@ async fn collection_keeps_the_image_of_a_container_still_stopping() {
     let keep = h.images.collected.lock().unwrap()[1].clone();
     // The states say web:2 (previous) and web:3 (current); web:1 still runs.
     assert_eq!(keep, [img("web:1"), img("web:2"), img("web:3")].into_iter().collect());
+    h.shutdown().await;
+}
+
+fn stable(mut s: DesiredState, ms: u64) -> DesiredState {
+    s.rollout.stable = Duration::from_millis(ms);
+    s
+}
+
+impl Harness {
+    /// The running container of `app` exits with `code`.
+    fn crash(&self, app: &str, code: i32) {
+        let mut r = self.containers.rec();
+        let key = r.running.keys().find(|(a, _)| a.as_str() == app).cloned().expect("app running");
+        let (_, tx) = r.running.remove(&key).unwrap();
+        let _ = tx.send(ExitInfo { code: Some(code), signal: None, oom_killed: false });
+    }
+
+    fn record(&self) -> crate::rollout::Record {
+        self.states.record.lock().unwrap().clone().unwrap_or_default()
+    }
+
+    fn good(&self) -> Option<u64> {
+        self.states.good.lock().unwrap().as_ref().map(|s| s.generation)
+    }
+}
+
+#[tokio::test]
+async fn a_generation_that_fails_its_test_is_rolled_back_and_a_healthy_one_is_committed() {
+    let images = ["web:1", "web:2", "web:3"];
+    let h = Harness::start(state(1, Origin::Local, &[("web", "web:1")]), &images);
+    h.until("web:1 running", |h| h.running() == [("web".into(), "web:1".into())]).await;
+    // The first state of a board has nothing to go back to: trusted at once.
+    h.until("generation 1 committed", |h| h.good() == Some(1) && h.record().committed == 1).await;
+
+    let _answer = h.offer(state(2, Origin::Controller, &[("web", "web:2")])).await;
+    h.until("web:2 running", |h| h.running() == [("web".into(), "web:2".into())]).await;
+    let ps = h.ps().await;
+    assert_eq!(ps.rollout.as_ref().map(|r| (r.committed, r.testing)), Some((1, Some(2))));
+    h.until("the test on flash", |h| h.record().testing == Some((2, 0))).await;
+
+    h.crash("web", 1);
+    h.until("web:1 back", |h| h.running() == [("web".into(), "web:1".into())]).await;
+    h.until("the failure on flash", |h| h.record().failed.is_some()).await;
+    let failed = skiff_common::RolloutFailure {
+        generation: 2,
+        app: Some(name("web")),
+        reason: "exited with code 1".into(),
+        rolled_back: true,
+    };
+    assert_eq!(
+        h.record(),
+        crate::rollout::Record { committed: 1, testing: None, failed: Some(failed.clone()) }
+    );
+    let ps = h.ps().await;
+    assert_eq!(ps.generation, 1, "ps shows the generation that runs");
+    assert_eq!(ps.rollout.unwrap().failed, Some(failed));
+    assert_eq!(h.good(), Some(1));
+    // Only 2 then 1's web were started after the crash: no retry of 2.
+    let starts: Vec<String> = h.containers.rec().starts.iter().map(|(_, _, i)| i.clone()).collect();
+    assert_eq!(starts, ["web:1", "web:2", "web:1"]);
+
+    // A newer generation is tried, passes its (short) window and is committed.
+    let _answer = h.offer(stable(state(3, Origin::Controller, &[("web", "web:3")]), 200)).await;
+    h.until("generation 3 committed", |h| h.good() == Some(3) && h.record().committed == 3).await;
+    assert_eq!(h.running(), [("web".into(), "web:3".into())]);
+    let r = h.record();
+    assert_eq!((r.committed, r.testing), (3, None));
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_generation_is_not_run_again_at_start_and_a_test_resumes_until_three_starts() {
+    // As a restarted agent finds the files: generation 2 failed and was rolled back.
+    let failed = skiff_common::RolloutFailure {
+        generation: 2,
+        app: Some(name("web")),
+        reason: "exited with code 1".into(),
+        rolled_back: true,
+    };
+    let on_flash = |s: &FakeStates, record: crate::rollout::Record| {
+        *s.record.lock().unwrap() = Some(record);
+        *s.good.lock().unwrap() = Some(state(1, Origin::Local, &[("web", "web:1")]));
+    };
+    let h = Harness::start_on_flash(
+        state(2, Origin::Controller, &[("web", "web:2")]),
+        &["web:1", "web:2"],
+        |h| on_flash(h, crate::rollout::Record { committed: 1, testing: None, failed: Some(failed.clone()) }),
+    );
+    h.until("web:1 running", |h| h.running() == [("web".into(), "web:1".into())]).await;
+    assert_eq!(h.containers.rec().starts.len(), 1, "generation 2 not tried");
+    h.shutdown().await;
+
+    // Generation 2 on test, second start: it resumes.
+    let h = Harness::start_on_flash(
+        state(2, Origin::Controller, &[("web", "web:2")]),
+        &["web:1", "web:2"],
+        |h| on_flash(h, crate::rollout::Record { committed: 1, testing: Some((2, 1)), failed: None }),
+    );
+    h.until("web:2 running", |h| h.running() == [("web".into(), "web:2".into())]).await;
+    h.until("the second start on flash", |h| h.record().testing == Some((2, 2))).await;
+    h.shutdown().await;
+
+    // Third start while on test: back to the last good one, and said why.
+    let h = Harness::start_on_flash(
+        state(2, Origin::Controller, &[("web", "web:2")]),
+        &["web:1", "web:2"],
+        |h| on_flash(h, crate::rollout::Record { committed: 1, testing: Some((2, 2)), failed: None }),
+    );
+    h.until("web:1 running", |h| h.running() == [("web".into(), "web:1".into())]).await;
+    h.until("the failure on flash", |h| h.record().failed.is_some()).await;
+    let r = h.record();
+    assert_eq!((r.committed, r.testing), (1, None));
+    let f = r.failed.unwrap();
+    assert_eq!((f.generation, f.rolled_back), (2, true));
+    assert!(f.reason.contains("started 3 times"), "{}", f.reason);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_generation_whose_image_does_not_come_within_the_deadline_is_given_up_once() {
+    let h = Harness::start(state(1, Origin::Local, &[("web", "web:1")]), &["web:1"]);
+    h.until("web:1 running", |h| h.running() == [("web".into(), "web:1".into())]).await;
+    let mut two = state(2, Origin::Controller, &[("web", "web:2")]);
+    two.rollout.stable = Duration::ZERO;
+    two.rollout.deadline = Duration::from_millis(300);
+    let why = "registry 127.0.0.1:5000: connection refused";
+    // A failed pull within the deadline: not taken, the link offers it again later.
+    let answer = h.offer(two.clone()).await;
+    h.until("the pull", |h| h.images.gates.lock().unwrap().contains_key("web:2")).await;
+    h.release("web:2", Err(why.into()));
+    assert_eq!(answer.await.unwrap(), Err(format!("pulling web:2: {why}")));
+    assert!(h.record().failed.is_none());
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    // Past the deadline: given up, reported, and taken so the link stops offering it.
+    let answer = h.offer(two.clone()).await;
+    h.until("the pull", |h| h.images.gates.lock().unwrap().contains_key("web:2")).await;
+    h.release("web:2", Err(why.into()));
+    assert_eq!(answer.await.unwrap(), Ok(()));
+    h.until("the failure on flash", |h| h.record().failed.is_some()).await;
+    let f = h.record().failed.unwrap();
+    assert_eq!((f.generation, f.app.clone(), f.rolled_back), (2, Some(name("web")), true));
+    assert_eq!(
+        f.reason,
+        format!("images not pulled within the rollout deadline of 300ms: pulling web:2: {why}")
+    );
+    assert_eq!(h.ps().await.rollout.unwrap().failed, Some(f));
+    // Offered again (a reconnect): not pulled again.
+    let answer = h.offer(two).await;
+    assert_eq!(answer.await.unwrap(), Ok(()));
+    assert_eq!(*h.images.pulls.lock().unwrap(), ["web:2", "web:2"]);
+    assert_eq!(h.running(), [("web".into(), "web:1".into())]);
+    assert!(h.states.saves.lock().unwrap().is_empty(), "never persisted");
     h.shutdown().await;
 }

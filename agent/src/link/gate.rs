@@ -112,7 +112,7 @@ mod tests {
     }
 
     fn state(generation: u64) -> DesiredState {
-        DesiredState { generation, origin: Origin::Controller, apps: vec![] }
+        DesiredState { generation, origin: Origin::Controller, ..DesiredState::empty() }
     }
 
     #[test]

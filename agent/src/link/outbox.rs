@@ -279,6 +279,7 @@ mod tests {
     fn reported(gen: u64) -> Reported {
         Reported {
             pulls: Vec::new(),
+            rollout: Default::default(),
             device: DeviceId::try_from("pi").unwrap(),
             generation_applied: gen,
             origin: Origin::Controller,

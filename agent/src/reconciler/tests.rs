@@ -67,7 +67,7 @@ fn probe(initial_delay: u64, period: u64, failure_threshold: u32, success_thresh
 }
 
 fn desired(generation: u64, apps: Vec<AppSpec>) -> Event {
-    Event::Desired(DesiredState { generation, origin: Origin::Local, apps })
+    Event::Desired(DesiredState { generation, origin: Origin::Local, apps, rollout: Default::default() })
 }
 
 fn code(c: i32) -> ExitInfo {

@@ -153,6 +153,17 @@ pub fn boot_ms() -> u64 {
 /// Start time of a process (clock ticks since boot), `None` if it is gone or
 /// a zombie (an orphaned shim waits for a PID 1 that may reap it late).
 pub fn process_start_ticks(pid: i32) -> Option<u64> {
+    // Field 22; the iterator starts at field 4.
+    live_stat_field(pid, 22 - 4)
+}
+
+/// Parent of a process (field 4 of /proc/<pid>/stat), `None` if it is gone or a zombie.
+pub fn process_parent(pid: i32) -> Option<i32> {
+    live_stat_field(pid, 0)
+}
+
+/// Field `n + 4` of /proc/<pid>/stat, `None` if the process is gone or a zombie.
+fn live_stat_field<T: std::str::FromStr>(pid: i32, n: usize) -> Option<T> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces; fields after its ')' are plain.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -160,7 +171,7 @@ pub fn process_start_ticks(pid: i32) -> Option<u64> {
     if matches!(fields.next(), Some("Z") | Some("X")) {
         return None;
     }
-    fields.nth(18)?.parse().ok()
+    fields.nth(n)?.parse().ok()
 }
 
 /// Whether the shim recorded in `s` is still the same live process.

@@ -5,6 +5,13 @@
 //! input, spawns it, waits for its handshake, watches for the exit it records,
 //! and stops containers (signals only; libcontainer's kill does not fork).
 //! Spec building (`spec.rs`) is pure.
+//!
+//! Nothing here polls in steady state: a shim's exit (the agent's child or an
+//! adopted one) and a stopping container's exit are awaited on pidfds
+//! (`pidfd.rs`), and stops signal through a pidfd on the loop, no thread per
+//! signal. Kernels without `pidfd_open` (before 5.3) fall back to reading
+//! `/proc` and libcontainer's state on a timer (`wait_adopted_shim`,
+//! `stop_by_polling`).
 
 pub mod cgroups;
 pub mod devices;
@@ -13,6 +20,7 @@ pub mod executor;
 pub mod instance;
 pub mod logs;
 pub mod loopback;
+pub mod pidfd;
 pub mod shim;
 pub mod spec;
 
@@ -22,6 +30,7 @@ use crate::seccomp::{Arch, CapSet, Filter};
 use instance::{Exit, ShimConfig, Started};
 use libcontainer::container::Container;
 use libcontainer::signal::Signal as LcSignal;
+use pidfd::{PidfdError, ProcessFd, Signal};
 use skiff_common::{AppName, AppSpec, ExitInfo};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -87,8 +96,12 @@ pub struct Runtime {
     pub default_memory: Option<u64>,
 }
 
-/// Quarter seconds a stop keeps re-sending SIGKILL until the exit is recorded.
+/// Quarter seconds a stop keeps re-sending SIGKILL until the exit is recorded
+/// (without pidfds only).
 const STOP_RETRIES: u32 = 120;
+
+/// How long a stop waits for the init to die after SIGKILL before it says so.
+const KILL_WAIT: Duration = Duration::from_secs(30);
 
 /// How long a shim may take to create and start a container.
 const HANDSHAKE: Duration = Duration::from_secs(60);
@@ -216,7 +229,9 @@ impl Runtime {
     }
 
     /// Waits until the instance has exited and returns how. `child` is the shim
-    /// when this agent spawned it; adopted shims are polled.
+    /// when this agent spawned it (tokio waits for its children on a pidfd);
+    /// an adopted shim is watched through a pidfd of its own. The shim writes
+    /// exit.json before it exits: it is read once, after.
     pub async fn wait_exit(
         &self,
         app: &AppName,
@@ -228,9 +243,7 @@ impl Runtime {
         if let Some(mut child) = child {
             let _ = child.wait().await;
         } else {
-            while instance::shim_alive(&started) {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+            wait_adopted_shim(app, instance, &started).await;
         }
         match instance::read::<Exit>(&dir, instance::EXIT) {
             Ok(Some(e)) => e.exit,
@@ -245,8 +258,28 @@ impl Runtime {
     }
 
     /// Sends SIGTERM to the container's init; after `grace`, SIGKILL (which
-    /// ends every process in the container's pid namespace). Returns once the signals are sent; the exit is seen by `wait_exit`.
+    /// ends every process in the container's pid namespace). Returns once the
+    /// init has exited or the signals are sent; the exit is seen by `wait_exit`.
     pub async fn stop(&self, app: &AppName, instance: u64, grace: Duration) {
+        let dir = self.paths.instance(app, instance);
+        let started: Option<Started> = instance::read(&dir, instance::STARTED).ok().flatten();
+        match started.as_ref().map(open_init) {
+            Some(Ok(Some(init))) => stop_init(app, instance, &init, grace).await,
+            // The init has exited, or its shim is gone and the exit watcher
+            // (`wait_exit`) kills what remains: nothing to signal.
+            Some(Ok(None)) => {}
+            Some(Err(PidfdError::Unsupported)) => self.stop_by_polling(app, instance, grace).await,
+            Some(Err(err)) => {
+                tracing::warn!(app = %app, instance, %err, "cannot stop through a pidfd: signalling by pid");
+                self.stop_by_polling(app, instance, grace).await
+            }
+            None => self.stop_by_polling(app, instance, grace).await,
+        }
+    }
+
+    /// `stop` where there are no pidfds: libcontainer's kill on a thread,
+    /// exit.json looked for on a timer, SIGKILL sent again until it shows.
+    async fn stop_by_polling(&self, app: &AppName, instance: u64, grace: Duration) {
         let root = self.paths.containers().join(Paths::container_id(app, instance));
         let dir = self.paths.instance(app, instance);
         signal(&root, LcSignal::try_from("SIGTERM").ok(), false).await;
@@ -435,6 +468,58 @@ impl Runtime {
     /// Kills and deletes what a lost shim left behind.
     pub async fn reap_lost(&self, app: &AppName, instance: u64) {
         force_delete(&self.paths.containers().join(Paths::container_id(app, instance))).await;
+    }
+}
+
+/// Waits until an adopted shim (not this agent's child) has exited.
+async fn wait_adopted_shim(app: &AppName, instance: u64, started: &Started) {
+    match ProcessFd::open(started.shim_pid, || instance::shim_alive(started)) {
+        Ok(Some(shim)) => shim.exited().await,
+        Ok(None) => {}
+        Err(err) => {
+            // Kernels before 5.3; or no file descriptor to spare, where polling
+            // is better than losing the exit.
+            if !matches!(err, PidfdError::Unsupported) {
+                tracing::warn!(app = %app, instance, %err, "cannot watch the shim through a pidfd: polling /proc");
+            }
+            while instance::shim_alive(started) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// A pidfd on the container's init, if it still runs under its shim.
+/// The init is the shim's child (libcontainer clones it with CLONE_PARENT),
+/// and the shim is the process `started` recorded: a pid the init left and
+/// another process took fails one of these.
+fn open_init(started: &Started) -> Result<Option<ProcessFd>, PidfdError> {
+    ProcessFd::open(started.init_pid, || {
+        instance::shim_alive(started) && instance::process_parent(started.init_pid) == Some(started.shim_pid)
+    })
+}
+
+/// SIGTERM through the init's pidfd, SIGKILL after `grace`; waits on the
+/// pidfd, so a stop costs no thread and no wake-up until the exit.
+async fn stop_init(app: &AppName, instance: u64, init: &ProcessFd, grace: Duration) {
+    let send = |sig: Signal| {
+        if let Err(err) = init.signal(sig) {
+            tracing::warn!(app = %app, instance, pid = init.pid(), %err, ?sig, "signalling the container's init");
+        }
+    };
+    send(Signal::TERM);
+    let deadline = deadline_after(tokio::time::Instant::now(), grace);
+    if tokio::time::timeout_at(deadline, init.exited()).await.is_ok() {
+        return;
+    }
+    tracing::info!(app = %app, instance, ?grace, "did not stop within its grace period: SIGKILL");
+    // SIGKILL to the init is enough: every container has its own pid
+    // namespace, and when its init dies the kernel kills everything in it.
+    // Through the pidfd it cannot be lost nor reach another process; an
+    // init in uninterruptible sleep dies when it leaves it.
+    send(Signal::KILL);
+    if tokio::time::timeout(KILL_WAIT, init.exited()).await.is_err() {
+        tracing::warn!(app = %app, instance, pid = init.pid(), "still running {KILL_WAIT:?} after SIGKILL");
     }
 }
 

@@ -33,6 +33,7 @@ use crate::seccomp::{Arch, CapSet, Filter};
 use anyhow::{anyhow, bail, Context};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
+use libcontainer::oci_spec::runtime::{LinuxDeviceType, Spec};
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
@@ -181,9 +182,9 @@ fn host_device(path: &str) -> anyhow::Result<HostDevice> {
     let meta = std::fs::metadata(path).with_context(|| format!("device {path}"))?;
     let ft = meta.file_type();
     let kind = if ft.is_char_device() {
-        'c'
+        LinuxDeviceType::C
     } else if ft.is_block_device() {
-        'b'
+        LinuxDeviceType::B
     } else {
         bail!("{path} is not a device node");
     };
@@ -259,7 +260,11 @@ fn create_and_start(
     // On cgroup v2 the device rules are a program this shim attaches (see
     // `devices`); built before anything is created, so a bad list fails early.
     let device_program = match cgroups.version {
-        spec::CgroupVersion::V2 => Some(devices::Program::build(&devices::rules_of_spec(&spec)?)),
+        spec::CgroupVersion::V2 => {
+            // Read from the spec as written to config.json, the one list the
+            // rules come from on either version.
+            Some(devices::Program::build(&devices::rules_of_spec(&serde_json::to_value(&spec)?)?))
+        }
         spec::CgroupVersion::V1 => None,
     };
     // Exec probes load the same filter (or none): `skiff probe-exec --seccomp`.
@@ -346,7 +351,7 @@ fn create_and_start(
 /// The seccomp filter the container's init loads before exec: the agent's,
 /// unless the spec's capabilities are not those it was compiled for (then
 /// compiled here, so an app never runs under another app's profile).
-fn seccomp_filter(cfg: &ShimConfig, spec: &serde_json::Value) -> anyhow::Result<Option<Filter>> {
+fn seccomp_filter(cfg: &ShimConfig, spec: &Spec) -> anyhow::Result<Option<Filter>> {
     if !spec::seccomp_confined(&cfg.spec) {
         return Ok(None);
     }
@@ -357,7 +362,8 @@ fn seccomp_filter(cfg: &ShimConfig, spec: &serde_json::Value) -> anyhow::Result<
     // The filter is loaded after libcontainer has dropped the capabilities;
     // from then on the kernel takes it only from a process with
     // no_new_privileges (libcontainer 0.7 has no earlier hook for it).
-    if spec["process"]["noNewPrivileges"] != true && !caps.has(Cap::SysAdmin) {
+    let no_new_privileges = spec.process().as_ref().and_then(|p| p.no_new_privileges()) == Some(true);
+    if !no_new_privileges && !caps.has(Cap::SysAdmin) {
         bail!(
             "the default seccomp profile needs no_new_privileges (or CAP_SYS_ADMIN): \
              set security.seccomp = \"unconfined\" to turn no_new_privileges off"
@@ -472,6 +478,9 @@ fn cleanup(dir: &Path, cfg: &ShimConfig, cgroups: Option<&Cgroups>, created: boo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libcontainer::oci_spec::runtime::{
+        Capabilities, Capability as OciCap, LinuxCapabilitiesBuilder, ProcessBuilder, SpecBuilder,
+    };
     use std::time::Duration;
 
     #[test]
@@ -518,8 +527,16 @@ mod tests {
         }
     }
 
-    fn spec_with(caps: &[&str], nnp: bool) -> serde_json::Value {
-        serde_json::json!({"process": {"noNewPrivileges": nnp, "capabilities": {"bounding": caps}}})
+    /// A spec whose process has `caps` as its bounding set.
+    fn spec_with(caps: &[OciCap], nnp: bool) -> Spec {
+        let caps =
+            LinuxCapabilitiesBuilder::default().bounding(caps.iter().copied().collect::<Capabilities>());
+        let process = ProcessBuilder::default()
+            .capabilities(caps.build().unwrap())
+            .no_new_privileges(nnp)
+            .build()
+            .unwrap();
+        SpecBuilder::default().process(process).build().unwrap()
     }
 
     #[test]
@@ -528,21 +545,21 @@ mod tests {
         let agents = Filter::compile(Arch::host(), chroot);
         // The agent's filter, when compiled for the capabilities the spec gives.
         let cfg = shim_config("", Some(agents.clone()));
-        let got = seccomp_filter(&cfg, &spec_with(&["CAP_CHOWN", "CAP_SYS_CHROOT"], true)).unwrap();
+        let got = seccomp_filter(&cfg, &spec_with(&[OciCap::Chown, OciCap::SysChroot], true)).unwrap();
         assert_eq!(got, Some(agents.clone()));
         // Compiled here when they differ, and when the agent sent none.
-        let got = seccomp_filter(&cfg, &spec_with(&["CAP_CHOWN"], true)).unwrap().unwrap();
+        let got = seccomp_filter(&cfg, &spec_with(&[OciCap::Chown], true)).unwrap().unwrap();
         assert_eq!(got.caps, CapSet::default());
-        let got = seccomp_filter(&shim_config("", None), &spec_with(&["CAP_SYS_CHROOT"], true)).unwrap();
+        let got = seccomp_filter(&shim_config("", None), &spec_with(&[OciCap::SysChroot], true)).unwrap();
         assert_eq!(got, Some(agents.clone()));
         // Unconfined: none, whatever the agent sent.
         let free = shim_config("[app.security]\nseccomp = \"unconfined\"\n", Some(agents));
         assert_eq!(seccomp_filter(&free, &spec_with(&[], false)).unwrap(), None);
         // Without no_new_privileges the kernel would refuse the filter after the
         // capability drop: the start fails, naming the way out.
-        let err = seccomp_filter(&cfg, &spec_with(&["CAP_SYS_CHROOT"], false)).unwrap_err();
+        let err = seccomp_filter(&cfg, &spec_with(&[OciCap::SysChroot], false)).unwrap_err();
         assert!(format!("{err}").contains("unconfined"), "{err}");
-        let admin = seccomp_filter(&cfg, &spec_with(&["CAP_SYS_ADMIN"], false)).unwrap().unwrap();
+        let admin = seccomp_filter(&cfg, &spec_with(&[OciCap::SysAdmin], false)).unwrap().unwrap();
         assert!(admin.caps.has(Cap::SysAdmin));
     }
 }

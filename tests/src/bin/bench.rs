@@ -7,6 +7,12 @@
 //!   against `runc run -d` of the same rootfs and command (no seccomp: the
 //!   bundle is skiff's, which loads its filter itself) measured the same way;
 //! - memory: PSS of the agent and its shims, idle, with 10 running apps;
+//! - adopted: idle CPU of the agent and its shims (utime+stime from
+//!   /proc/<pid>/stat, and the finer run time from schedstat) and the agent's
+//!   wake-ups over a fixed window with N apps the agent started, then
+//!   again after the agent is SIGKILLed and restarted (it adopts them), with
+//!   the ratio and the load average next to each figure
+//!   (`SKIFF_BENCH_APPS`, default 100; `SKIFF_BENCH_IDLE_SECS`, default 60);
 //! - sizes of the stripped release binaries (and aarch64 ones if built);
 //! - MQTT: skiffctl apply -> running, catch-up of 1,000 queued events, idle
 //!   traffic per hour (see `bench_mqtt`).
@@ -35,7 +41,15 @@
 //!   after a controller state makes it pull busybox plus a 5 MiB or a 50 MiB
 //!   layer (through a real mosquitto and skiffctl) and run it.
 //!
-//! Sections can be picked: `bench start memory mqtt size reconcile board storm registry pull kill9`.
+//! - rollback: a generation whose app exits 1 at once, 10 times: from the
+//!   crash (the app prints the boot clock as it exits) to the last good
+//!   generation's container running again (its process start time, same
+//!   clock), median, p95 and min; and the flash writes of one successful update,
+//!   from `skiff apply` to the commit, on a state dir of its own (a loop-mounted
+//!   ext4: the kernel's count of bytes written to the device, journal included,
+//!   and the bytes of the files written).
+//!
+//! Sections can be picked: `bench start memory adopted mqtt size reconcile board storm registry pull kill9 rollback`.
 
 use serde_json::Value;
 use skiff_tests::agent::{eventually, repo, wait_for, Sandbox};
@@ -66,6 +80,9 @@ fn main() {
     if run("memory") {
         memory();
     }
+    if run("adopted") {
+        adopted();
+    }
     if run("mqtt") {
         skiff_tests::bench_mqtt::apply_to_running(RUNS);
         skiff_tests::bench_mqtt::catch_up(1000);
@@ -92,6 +109,123 @@ fn main() {
     if run("pull") {
         pull();
     }
+    if run("rollback") {
+        rollback(10);
+    }
+}
+
+const RB_GOOD: &str = "[rollout]\nstable = \"1s\"\n[[app]]\nname = \"web\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"SECS\"]\n";
+const RB_BAD: &str = "[rollout]\nstable = \"30s\"\n[[app]]\nname = \"web\"\nimage = \"busybox:1\"\ncommand = [\"sh\", \"-c\", \"cat /proc/uptime; exit 1\"]\n";
+
+fn rollout_of(sb: &Sandbox) -> Value {
+    sb.ps()["rollout"].clone()
+}
+
+/// Applies a good state (a new command each time) and waits for its commit.
+fn commit_good(sb: &Sandbox, secs: u64) -> u64 {
+    sb.apply(&RB_GOOD.replace("SECS", &secs.to_string()));
+    let g = sb.ps()["generation"].as_u64().unwrap();
+    wait_for(Duration::from_secs(60), "a commit", || {
+        let r = rollout_of(sb);
+        (r["testing"].is_null() && r["committed"].as_u64() >= Some(g))
+            .then(|| r["committed"].as_u64().unwrap())
+    })
+}
+
+fn boot_ms_of_pid(pid: i64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let ticks: f64 = after.split(' ').nth(19).unwrap().parse().unwrap();
+    ticks * 1000.0 / 100.0
+}
+
+fn rollback(n: usize) {
+    println!("== rollback: a generation whose app exits 1 at once, {n} times");
+    let mut sb = Sandbox::new();
+    sb.start_agent();
+    let mut back = Vec::new();
+    for i in 0..n {
+        let secs = 3600 + i as u64;
+        commit_good(&sb, secs);
+        let good_pid = sb.wait_running("web")["pid"].clone();
+        let before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let before = before.split(' ').take(3).collect::<Vec<_>>().join(" ");
+        sb.apply(RB_BAD);
+        let failed = wait_for(Duration::from_secs(60), "the rollback", || {
+            let r = rollout_of(&sb);
+            (r["failed"]["rolled_back"] == true && r["committed"].as_u64().is_some()).then_some(r)
+        });
+        // The last good generation's container, a new one: the same command as before.
+        let web = sb.wait_app("web", Duration::from_secs(30), "back", |a| {
+            a["phase"] == "running"
+                && a["pid"].is_i64()
+                && a["pid"] != good_pid
+                && std::fs::read(format!("/proc/{}/cmdline", a["pid"])).is_ok_and(|c| {
+                    String::from_utf8_lossy(&c).replace('\0', " ").trim() == format!("sleep {secs}")
+                })
+        });
+        let log = sb.logs("web");
+        let crash_s: f64 = log
+            .lines()
+            .rev()
+            .find_map(|l| l.split(' ').next().and_then(|w| w.parse::<f64>().ok()))
+            .expect("the crash's boot clock in the log");
+        let ms = boot_ms_of_pid(web["pid"].as_i64().unwrap()) - crash_s * 1000.0;
+        println!("  run {i}: {ms:.0} ms ({}; load {before})", failed["failed"]["reason"]);
+        back.push(ms);
+    }
+    let (median, p95, min) = stats(back);
+    println!(
+        "  crash -> last good generation running again: median {median:.0} ms, p95 {p95:.0} ms, min {min:.0} ms (10 ms clock)"
+    );
+    drop(sb);
+    flash_of_one_update();
+}
+
+/// Bytes written to flash by one successful update, on an ext4 of its own.
+fn flash_of_one_update() {
+    let mut sb = Sandbox::new();
+    let img = sb.dir.path().join("flash.img");
+    let state = sb.state_dir();
+    let run = |c: &mut Command| {
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{c:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // The images the sandbox loaded move onto the new file system.
+    let saved = sb.dir.path().join("state.saved");
+    std::fs::rename(&state, &saved).unwrap();
+    run(Command::new("truncate").args(["-s", "256M"]).arg(&img));
+    run(Command::new("mkfs.ext4").args(["-q", "-E", "lazy_itable_init=0,lazy_journal_init=0"]).arg(&img));
+    std::fs::create_dir_all(&state).unwrap();
+    run(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&state));
+    run(Command::new("cp").arg("-a").arg(format!("{}/.", saved.display())).arg(&state));
+    let dev = run(Command::new("findmnt").args(["-n", "-o", "SOURCE"]).arg(&state));
+    let counter = PathBuf::from(format!(
+        "/sys/fs/ext4/{}/lifetime_write_kbytes",
+        Path::new(&dev).file_name().unwrap().to_string_lossy()
+    ));
+    let kbytes = || std::fs::read_to_string(&counter).unwrap().trim().parse::<u64>().unwrap();
+    sb.start_agent();
+    commit_good(&sb, 3600);
+    run(Command::new("sync").arg("-f").arg(&state));
+    std::thread::sleep(Duration::from_secs(2));
+    let sizes = |f: &str| std::fs::metadata(state.join(f)).map(|m| m.len()).unwrap_or(0);
+    let k0 = kbytes();
+    commit_good(&sb, 3700);
+    run(Command::new("sync").arg("-f").arg(&state));
+    std::thread::sleep(Duration::from_secs(2));
+    let k1 = kbytes();
+    let (desired, record) = (sizes("desired.skf"), sizes("rollout.skf"));
+    println!(
+        "  one successful update, apply -> commit: {} KiB written to the device (ext4 lifetime_write_kbytes, journal and metadata included); files: desired.skf {desired} B (written once), rollout.skf {record} B (written twice: on test, committed), good.skf and desired.prev.skf hard links (0 B): {} B of file data",
+        k1 - k0,
+        desired + 2 * record
+    );
+    sb.stop_agent();
+    skiff_tests::agent::kill_everything(sb.dir.path(), &sb.cgroup_root);
+    // kill_everything unmounts what is below the sandbox; this is for a bench that failed half-way.
+    let _ = Command::new("umount").arg(&state).output();
 }
 
 /// A layer tar of one file of `len` incompressible bytes.
@@ -509,17 +643,7 @@ fn memory() {
     }
     std::thread::sleep(Duration::from_secs(3));
     let agent = pss_kib(sb.agent_pid().unwrap());
-    let needle = sb.run_dir().to_string_lossy().to_string();
-    let shims: Vec<u32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| {
-            let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let c = String::from_utf8_lossy(&c);
-            c.contains("\0shim\0") && c.contains(&needle)
-        })
-        .collect();
+    let shims = shim_pids(&sb);
     let shim_total: u64 = shims.iter().map(|p| pss_kib(*p)).sum();
     println!("memory, idle with 10 running apps (PSS, KiB)");
     println!("  agent                      {agent:8}");
@@ -534,6 +658,195 @@ fn memory() {
         (agent + shim_total) as f64 / 1024.0
     );
     sb.apply("");
+}
+
+/// Pids of the shims of `sb`'s containers.
+fn shim_pids(sb: &Sandbox) -> Vec<u32> {
+    let needle = sb.run_dir().to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let c = String::from_utf8_lossy(&c);
+            c.contains("\0shim\0") && c.contains(&needle)
+        })
+        .collect()
+}
+
+/// utime + stime of `pid` in clock ticks (0 once it is gone).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(end) = stat.rfind(')') else { return 0 };
+    // Fields after the command name start at field 3 (state): utime is 14, stime 15.
+    let f: Vec<&str> = stat[end + 2..].split(' ').collect();
+    let n = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(14) + n(15)
+}
+
+/// Time on a CPU of `pid` in nanoseconds, summed over its threads
+/// (/proc/<pid>/task/*/schedstat): finer than the clock ticks of `cpu_ticks`,
+/// which an idle window may not reach. Threads that end take theirs along.
+fn run_ns(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split(' ').next().and_then(|v| v.parse::<u64>().ok()))
+        .sum()
+}
+
+/// Context switches (voluntary, involuntary) summed over the threads of `pid`:
+/// each voluntary one is a wake-up after a sleep.
+fn ctxt_switches(pid: u32) -> (u64, u64) {
+    let mut out = (0, 0);
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        for l in status.lines() {
+            let v = |p: &str| l.strip_prefix(p).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+            out.0 += v("voluntary_ctxt_switches:");
+            out.1 += v("nonvoluntary_ctxt_switches:");
+        }
+    }
+    out
+}
+
+fn loadavg() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split(' ').take(3).collect::<Vec<_>>().join(" ")
+}
+
+fn clock_ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// One idle window: CPU of the agent and of the shims, the agent's wake-ups.
+struct Idle {
+    agent_ms: f64,
+    shims_ms: f64,
+    /// The same from schedstat, in microseconds.
+    agent_us: f64,
+    shims_us: f64,
+    agent_wakeups: u64,
+    window: Duration,
+    load_before: String,
+    load_after: String,
+}
+
+impl Idle {
+    fn measure(sb: &Sandbox, window: Duration) -> Idle {
+        let hz = clock_ticks_per_second() as f64;
+        let agent = sb.agent_pid().unwrap();
+        let shims = shim_pids(sb);
+        let load_before = loadavg();
+        let a0 = cpu_ticks(agent);
+        let s0: u64 = shims.iter().map(|p| cpu_ticks(*p)).sum();
+        let an0 = run_ns(agent);
+        let sn0: u64 = shims.iter().map(|p| run_ns(*p)).sum();
+        let w0 = ctxt_switches(agent).0;
+        let t = Instant::now();
+        std::thread::sleep(window);
+        let a1 = cpu_ticks(agent);
+        let s1: u64 = shims.iter().map(|p| cpu_ticks(*p)).sum();
+        let an1 = run_ns(agent);
+        let sn1: u64 = shims.iter().map(|p| run_ns(*p)).sum();
+        let w1 = ctxt_switches(agent).0;
+        let window = t.elapsed();
+        Idle {
+            agent_ms: (a1 - a0) as f64 * 1000.0 / hz,
+            shims_ms: s1.saturating_sub(s0) as f64 * 1000.0 / hz,
+            agent_us: an1.saturating_sub(an0) as f64 / 1000.0,
+            shims_us: sn1.saturating_sub(sn0) as f64 / 1000.0,
+            agent_wakeups: w1 - w0,
+            window,
+            load_before,
+            load_after: loadavg(),
+        }
+    }
+
+    fn total_ms(&self) -> f64 {
+        self.agent_ms + self.shims_ms
+    }
+
+    fn total_us(&self) -> f64 {
+        self.agent_us + self.shims_us
+    }
+
+    fn print(&self, what: &str) {
+        let secs = self.window.as_secs_f64();
+        println!(
+            "  {what:8} agent+shims {:9.0} us CPU in {secs:.0} s = {:.4}% of a core (agent {:.0} us, shims {:.0} us); \
+             utime+stime {:.0} ms (agent {:.0}, shims {:.0}); agent wake-ups {} ({:.1}/s); load {} -> {}",
+            self.total_us(),
+            self.total_us() / secs / 1e4,
+            self.agent_us,
+            self.shims_us,
+            self.total_ms(),
+            self.agent_ms,
+            self.shims_ms,
+            self.agent_wakeups,
+            self.agent_wakeups as f64 / secs,
+            self.load_before,
+            self.load_after,
+        );
+    }
+}
+
+/// Idle CPU with `n` apps the agent started, then with the same apps adopted
+/// by a new agent after the first was SIGKILLed.
+fn adopted() {
+    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let n = env("SKIFF_BENCH_APPS", 100) as usize;
+    let window = Duration::from_secs(env("SKIFF_BENCH_IDLE_SECS", 60));
+    // Past tokio's 10 s keep-alive of blocking-pool threads, whose time would go with them.
+    let settle = Duration::from_secs(12);
+    let mut sb = Sandbox::new();
+    sb.start_agent();
+    let apps: String = (0..n)
+        .map(|i| {
+            format!("[[app]]\nname = \"idle-{i:03}\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"100000\"]\nstop_grace = \"0s\"\n")
+        })
+        .collect();
+    sb.apply(&apps);
+    let all_running = |sb: &Sandbox| -> Option<Vec<i64>> {
+        let ps = sb.ps();
+        let apps = ps["apps"].as_array().unwrap();
+        let pids: Vec<i64> =
+            apps.iter().filter(|a| a["phase"] == "running").filter_map(|a| a["pid"].as_i64()).collect();
+        (pids.len() == n).then_some(pids)
+    };
+    let mut pids = wait_for(Duration::from_secs(600), "every app running", || all_running(&sb));
+    std::thread::sleep(settle);
+    println!("idle CPU with {n} apps, started vs adopted ({} s window each)", window.as_secs());
+    let started = Idle::measure(&sb, window);
+    started.print("started");
+    sb.kill_agent();
+    sb.start_agent();
+    let mut adopted_pids = wait_for(Duration::from_secs(600), "every app adopted", || all_running(&sb));
+    pids.sort_unstable();
+    adopted_pids.sort_unstable();
+    assert_eq!(pids, adopted_pids, "the new agent restarted apps instead of adopting them");
+    std::thread::sleep(settle);
+    let adopted = Idle::measure(&sb, window);
+    adopted.print("adopted");
+    // One clock tick is the resolution: a 0 ms figure reads as "under a tick".
+    let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}", a / b) } else { format!("{a:.0} ms / 0 ms") };
+    println!(
+        "  ratio adopted/started: agent+shims {:.2} (schedstat), {} (utime+stime); agent {:.2}; wake-ups {:.2}\n",
+        adopted.total_us() / started.total_us().max(1.0),
+        ratio(adopted.total_ms(), started.total_ms()),
+        adopted.agent_us / started.agent_us.max(1.0),
+        adopted.agent_wakeups as f64 / started.agent_wakeups.max(1) as f64,
+    );
+    sb.apply("");
+    wait_for(Duration::from_secs(600), "every app removed", || {
+        sb.ps()["apps"].as_array().unwrap().is_empty().then_some(())
+    });
 }
 
 fn sizes() {
