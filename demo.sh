@@ -26,9 +26,13 @@ if [[ "${1:-}" == stop ]]; then
     echo "demo apps still running: see $skiff ps" >&2
     exit 1
 fi
+command -v cargo >/dev/null || { echo "demo.sh: cargo not found: install Rust with rustup (README, Prerequisites)" >&2; exit 1; }
 scripts/deps.sh demo
 bash images/build.sh
-cargo build --release -q -p skiff-agent
+# The first build compiles every dependency: minutes on a laptop, 20-40 on a Raspberry Pi.
+# cargo shows its progress bar on a terminal.
+echo "demo.sh: building skiff (release)"
+cargo build --release -p skiff-agent
 "$skiff" doctor
 "$skiff" image load images/out/busybox
 "$skiff" apply -f examples/demo.toml

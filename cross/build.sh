@@ -3,10 +3,11 @@
 #
 #   cross/build.sh [TARGET...]
 #
-# TARGET is aarch64-unknown-linux-musl (64-bit Raspberry Pi OS, musl, linked by rust-lld)
-# or armv7-unknown-linux-gnueabihf (32-bit Raspberry Pi OS, static glibc, linked by Debian's
-# arm-linux-gnueabihf-gcc); the short forms `aarch64` and `armv7` work too. With no TARGET,
-# both are built. Binaries land in <target dir>/cross/<target>/, and the script prints each
+# TARGET is aarch64-unknown-linux-musl (64-bit Raspberry Pi OS, musl, linked by rust-lld),
+# armv7-unknown-linux-gnueabihf (32-bit Raspberry Pi OS, static glibc, linked by Debian's
+# arm-linux-gnueabihf-gcc) or x86_64-unknown-linux-gnu (amd64 machines and the amd64 .deb,
+# static glibc); the short forms `aarch64`, `armv7` and `x86_64` work too. With no TARGET,
+# the two board targets are built. Binaries land in <target dir>/cross/<target>/, and the script prints each
 # one's size and `file` line, failing if a binary is not statically linked.
 #
 # Installs what it needs (rustup targets; apt: musl-dev:arm64, which pulls
@@ -149,6 +150,14 @@ build_armv7_gnueabihf() {
     )
 }
 
+build_x86_64_static() {
+    # Static glibc (static-pie) with the host's own gcc; --target keeps the flag off build scripts.
+    local t=x86_64-unknown-linux-gnu
+    rustup_target "$t"
+    CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --release --target "$t" "${PACKAGES[@]}"
+}
+
 collect() {
     # Copies the binaries of target $1 to target/cross/$1/ and reports on them.
     local t="$1" out="$TARGET_DIR/cross/$1" b desc size
@@ -175,8 +184,9 @@ for a in "$@"; do
     case "$a" in
         aarch64 | aarch64-unknown-linux-musl) targets+=(aarch64-unknown-linux-musl) ;;
         armv7 | armhf | armv7-unknown-linux-gnueabihf) targets+=(armv7-unknown-linux-gnueabihf) ;;
-        -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown target '$a' (aarch64-unknown-linux-musl | armv7-unknown-linux-gnueabihf)" ;;
+        x86_64 | amd64 | x86_64-unknown-linux-gnu) targets+=(x86_64-unknown-linux-gnu) ;;
+        -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown target '$a' (aarch64-unknown-linux-musl | armv7-unknown-linux-gnueabihf | x86_64-unknown-linux-gnu)" ;;
     esac
 done
 [ "${#targets[@]}" -gt 0 ] || targets=(aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf)
@@ -190,6 +200,7 @@ for t in "${targets[@]}"; do
     case "$t" in
         aarch64-unknown-linux-musl) build_aarch64_musl ;;
         armv7-unknown-linux-gnueabihf) build_armv7_gnueabihf ;;
+        x86_64-unknown-linux-gnu) build_x86_64_static ;;
     esac
 done
 for t in "${targets[@]}"; do

@@ -18,7 +18,7 @@ secs="${1:-30}"
 shift || true
 targets=("$@")
 if (( ${#targets[@]} == 0 )); then
-    targets=(state_file mqtt_payloads apps_toml oci_layout layer_tar refs_json shim_files rollout_record)
+    targets=(state_file mqtt_payloads apps_toml oci_layout layer_tar refs_json shim_files rollout_record cert_validity)
 fi
 host="$(rustc -vV | sed -n 's/^host: //p')"
 flags=(

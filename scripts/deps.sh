@@ -8,11 +8,14 @@ pkgs=(busybox-static runc file)
 if [[ "$what" == test ]]; then
     pkgs+=(mosquitto mosquitto-clients openssl qemu-system-arm qemu-utils e2fsprogs cpio
         gcc-arm-linux-gnueabihf libc6-dev-armhf-cross valgrind
-        docker-registry skopeo systemd)
+        docker-registry skopeo systemd
+        lintian mtools e2tools dosfstools fdisk)
 fi
 
-# The arm64 busybox (test image) and kernel (QEMU board) come from Debian's arm64 archive.
-if [[ "$(dpkg --print-architecture)" != arm64 ]] && ! dpkg --print-foreign-architectures | grep -qx arm64; then
+# Tests only: the arm64 busybox (test image) and kernel (QEMU board) come from Debian's
+# arm64 archive. (The demo's image is the host's own architecture: images/build.sh.)
+if [[ "$what" == test ]] && [[ "$(dpkg --print-architecture)" != arm64 ]] &&
+    ! dpkg --print-foreign-architectures | grep -qx arm64; then
     dpkg --add-architecture arm64
     need_update=1
 fi

@@ -103,9 +103,18 @@ enum Cmd {
     #[command(subcommand)]
     Image(ImageCmd),
     /// Check that this host can run skiff, and say how to fix what is missing.
+    /// With a controller link configured (SKIFF_MQTT_BROKER in the environment or the
+    /// env file), also the broker (TCP and TLS) and the device certificate's dates.
     Doctor {
         #[arg(long)]
         json: bool,
+        /// The agent's settings as systemd passes them (EnvironmentFile=); the
+        /// environment wins over it.
+        #[arg(long, value_name = "FILE", default_value = "/etc/skiff/agent.env")]
+        env_file: PathBuf,
+        /// How long the broker may take to accept TCP and TLS.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        broker_timeout: Duration,
     },
     #[command(hide = true)]
     Shim { dir: PathBuf },
@@ -133,6 +142,10 @@ enum ImageCmd {
         /// Name it NAME[:TAG] instead of the tag recorded in the layout.
         #[arg(long)]
         name: Option<String>,
+        /// Pick this platform from a multi-arch image instead of the host's, e.g. linux/arm64
+        /// or linux/arm/v7: for a store prepared on another machine (SD-card provisioning).
+        #[arg(long, value_parser = image::Platform::parse)]
+        platform: Option<image::Platform>,
         #[arg(long)]
         json: bool,
     },
@@ -303,7 +316,7 @@ pub fn main() -> i32 {
         Cmd::Ps { json } => ps(&paths, json),
         Cmd::Logs { app, tail, follow } => logs_cmd(&paths, &app, tail, follow),
         Cmd::Image(c) => image_cmd(&paths, c),
-        Cmd::Doctor { json } => doctor(&paths, json),
+        Cmd::Doctor { json, env_file, broker_timeout } => doctor(&paths, json, &env_file, broker_timeout),
         Cmd::Shim { .. } | Cmd::ProbeExec { .. } => unreachable!("handled above"),
     };
     match result {
@@ -749,7 +762,13 @@ fn reader_gone(out: &impl std::os::fd::AsFd, wait: Duration) -> bool {
 fn image_cmd(paths: &Paths, c: ImageCmd) -> anyhow::Result<()> {
     let store = ImageStore::open(&paths.images())?;
     match c {
-        ImageCmd::Load { path, name, json } => image::cli_load(&store, &path, name.as_deref(), json),
+        ImageCmd::Load { path, name, platform, json } => {
+            let store = match platform {
+                Some(p) => store.with_platform(p),
+                None => store,
+            };
+            image::cli_load(&store, &path, name.as_deref(), json)
+        }
         ImageCmd::Ls { json } => image::cli_ls(&store, json),
         ImageCmd::Pull { reference, insecure, pull, json } => {
             let cfg = pull.config();
@@ -782,9 +801,37 @@ fn image_cmd(paths: &Paths, c: ImageCmd) -> anyhow::Result<()> {
     }
 }
 
-fn doctor(paths: &Paths, json: bool) -> anyhow::Result<()> {
+fn doctor(paths: &Paths, json: bool, env_file: &Path, broker_timeout: Duration) -> anyhow::Result<()> {
+    use crate::doctor::link;
     let mut out = std::io::stdout().lock();
-    let checks = crate::doctor::run(paths);
+    let mut checks = crate::doctor::run(paths);
+    // A missing env file is no link; an unreadable one is said (the agent
+    // under systemd would not start with it either).
+    let file = match crate::localfile::read_to_string(env_file, crate::localfile::KEY_LIMIT) {
+        Ok(text) => link::parse_env_file(&text),
+        Err(e) if env_file.exists() => {
+            checks.push(crate::doctor::Check {
+                name: "agent.env",
+                level: crate::doctor::Level::Warn,
+                detail: e.to_string(),
+                fix: None,
+            });
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
+    };
+    match link::settings(&file, |k| std::env::var(k).ok()) {
+        Some(s) => checks.extend(link::checks(&s, std::time::SystemTime::now(), broker_timeout)),
+        None => checks.push(crate::doctor::Check {
+            name: "controller link",
+            level: crate::doctor::Level::Ok,
+            detail: format!(
+                "none configured (no SKIFF_MQTT_BROKER in the environment or {})",
+                env_file.display()
+            ),
+            fix: None,
+        }),
+    }
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&checks)?)?;
     } else {

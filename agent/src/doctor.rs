@@ -7,6 +7,8 @@
 //! The checks read the host through [`Host`] (a root directory for `/proc`,
 //! `/sys` and `/boot`, and the clock), so tests run them on fake roots.
 
+pub mod link;
+
 use crate::paths::Paths;
 use crate::runtime::cgroups::Cgroups;
 use crate::runtime::spec::CgroupVersion;

@@ -6,8 +6,8 @@
 //! status after every step (and the reconciler's notes), with the current
 //! monotonic time, and carries out the verdicts. Two parts:
 //!
-//! - `Trial`: the test of one generation. It passes when every app of the
-//!   generation has been running and ready (startup, liveness and readiness
+//! - `Trial`: the test of one generation. It passes when every app the
+//!   generation adds or changes has been running and ready (startup, liveness and readiness
 //!   probes where defined), or finished successfully (a one-shot app with
 //!   restart `never`/`on-failure`), with no restart, for `rollout.stable`. It
 //!   fails at once when an app cannot be created, exits (any exit an app is
@@ -185,17 +185,21 @@ pub struct Trial {
 }
 
 impl Trial {
-    /// Starts the test of `state` at `now`.
-    pub fn begin(state: &DesiredState, can_roll_back: bool, now: Instant) -> Trial {
+    /// Starts the test of `state` at `now`, against the last good state.
+    /// Only the apps `state` adds or changes are judged: one that runs as it
+    /// did in the good generation (a crash loop it already had included) is
+    /// not the new generation's doing, and going back would not mend it.
+    pub fn begin(state: &DesiredState, good: Option<&DesiredState>, now: Instant) -> Trial {
+        let changed = |a: &&skiff_common::AppSpec| good.and_then(|g| g.app(&a.name)) != Some(*a);
         Trial {
             generation: state.generation,
             policy: state.rollout,
-            apps: state.apps.iter().map(|a| (a.name.clone(), a.restart)).collect(),
+            apps: state.apps.iter().filter(changed).map(|a| (a.name.clone(), a.restart)).collect(),
             deadline: now.checked_add(state.rollout.deadline).unwrap_or(now),
             stable_since: None,
             restarts: BTreeMap::new(),
             trouble: BTreeMap::new(),
-            can_roll_back,
+            can_roll_back: good.is_some(),
             killed: None,
         }
     }
@@ -241,7 +245,8 @@ impl Trial {
         }
     }
 
-    /// Judges the apps' status at `now`: a verdict, or `None` while the test goes on.
+    /// Judges the apps' status (sorted by name, as `Reconciler::status` gives
+    /// it) at `now`: a verdict, or `None` while the test goes on.
     pub fn observe(&mut self, status: &[AppStatus], now: Instant) -> Option<Verdict> {
         if let Some(app) = self.killed.clone() {
             let reason = self.trouble.get(&app).cloned().unwrap_or_default();
@@ -249,7 +254,9 @@ impl Trial {
         }
         let mut first_unready: Option<&AppName> = None;
         for (name, restart) in &self.apps {
-            let Some(s) = status.iter().find(|s| &s.name == name) else {
+            // `status` is sorted by name (the reconciler's order): a search, not a scan.
+            let found = status.binary_search_by(|s| s.name.cmp(name)).ok().map(|i| &status[i]);
+            let Some(s) = found else {
                 first_unready.get_or_insert(name);
                 continue;
             };

@@ -25,9 +25,10 @@ fn built(env_var: &str, package: &str, bin: &str) -> PathBuf {
         .status()
         .expect("cargo build");
     assert!(status.success(), "building {bin} failed");
-    // Where that build put it: CARGO_TARGET_DIR (relative to the workspace) when set.
+    // Where cargo put it: the caller's CARGO_TARGET_DIR, else the repo's target/.
     let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), |d| repo().join(d));
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
+    let target = if target.is_absolute() { target } else { repo().join(target) };
     target.join("debug").join(bin)
 }
 

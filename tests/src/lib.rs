@@ -8,5 +8,6 @@ pub mod bench_registry;
 pub mod board;
 pub mod fleet;
 pub mod mqtt;
+pub mod packaging;
 pub mod registry;
 pub mod sim_device;

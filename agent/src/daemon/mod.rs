@@ -458,7 +458,7 @@ fn judge(
     now: Instant,
     link: Option<&LinkHandle>,
 ) {
-    let Some((verdict, back)) = rollouts.observe(intake.applied(), &rec.status(), now) else { return };
+    let Some((verdict, back)) = rollouts.observe(intake.applied(), || rec.status(), now) else { return };
     let (kind, app, detail) = match verdict {
         crate::rollout::Verdict::Commit { generation } => {
             (EventKind::Committed, None, format!("generation {generation} passed its test"))

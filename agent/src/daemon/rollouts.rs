@@ -148,7 +148,7 @@ impl Rollouts {
                     self.write(Write::Record(self.record.clone()));
                 }
                 info!(generation = g, stable = ?state.rollout.stable, deadline = ?state.rollout.deadline, "generation on test");
-                self.trial = Some(Trial::begin(&state, self.good.is_some(), now));
+                self.trial = Some(Trial::begin(&state, self.good.as_ref(), now));
                 Handover { run: state, rolled_back: None }
             }
             AtStart::RunGood => match self.good.clone() {
@@ -215,17 +215,18 @@ impl Rollouts {
 
     /// Judges the apps' status; on a verdict, records it and returns it with
     /// the state to run instead when the device goes back.
+    /// `status` is asked for only while a generation is on test.
     pub fn observe(
         &mut self,
         applied: &DesiredState,
-        status: &[AppStatus],
+        status: impl FnOnce() -> Vec<AppStatus>,
         now: Instant,
     ) -> Option<(Verdict, Option<DesiredState>)> {
         let trial = self.trial.as_mut()?;
         if trial.generation() != applied.generation {
             return None;
         }
-        let verdict = trial.observe(status, now)?;
+        let verdict = trial.observe(&status(), now)?;
         self.trial = None;
         match &verdict {
             Verdict::Commit { generation } => {

@@ -31,6 +31,7 @@ mod unpack;
 
 pub use cli::{cli_check, cli_load, cli_ls, cli_pull, parse_rate, PullConfig};
 pub use mount::{mount_rootfs, unmount_rootfs};
+pub use oci::Platform;
 pub use pull::{pull, PullError, PullPolicy, PullProgress};
 pub use store::{CheckReport, DiskUsage, GcReport, ImageStore};
 

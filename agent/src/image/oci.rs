@@ -200,6 +200,21 @@ impl Platform {
         }
     }
 
+    /// Parses `os/arch[/variant]` as Docker's `--platform` spells it (`linux/arm64`,
+    /// `linux/arm/v7`).
+    pub fn parse(text: &str) -> Result<Platform, String> {
+        let parts: Vec<&str> = text.split('/').collect();
+        let ok = |s: &&str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        match parts.as_slice() {
+            [os, arch] | [os, arch, _] if ok(os) && ok(arch) && parts.get(2).is_none_or(ok) => Ok(Platform {
+                architecture: arch.to_string(),
+                os: os.to_string(),
+                variant: parts.get(2).map(|v| v.to_string()),
+            }),
+            _ => Err(format!("'{text}' is not a platform: expected os/arch[/variant], e.g. linux/arm64")),
+        }
+    }
+
     /// Whether an image built for `other` runs here. A missing variant means the
     /// architecture's baseline (arm64 is v8; Docker reads a bare arm as v7).
     pub fn runs(&self, other: &Platform) -> bool {
@@ -309,6 +324,16 @@ mod tests {
         assert!(!arm.runs(&p("arm", Some("v6"))));
         assert!(!p("amd64", None).runs(&p("amd64", Some("v3"))));
         assert_eq!(arm.to_string(), "linux/arm/v7");
+    }
+
+    #[test]
+    fn platforms_parse_as_docker_spells_them() {
+        assert_eq!(Platform::parse("linux/arm64"), Ok(p("arm64", None)));
+        assert_eq!(Platform::parse("linux/arm/v7"), Ok(p("arm", Some("v7"))));
+        assert_eq!(Platform::parse("linux/arm/v7").unwrap().to_string(), "linux/arm/v7");
+        for bad in ["", "arm64", "linux/", "/arm64", "linux/arm/v7/x", "linux/arm 64", "linux/arm/"] {
+            assert!(Platform::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

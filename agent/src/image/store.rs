@@ -81,8 +81,8 @@ impl ImageStore {
         &self.dir
     }
 
-    /// A store that picks `platform` instead of the host's (tests of foreign images).
-    #[cfg(test)]
+    /// A store that picks `platform` instead of the host's: tests of foreign images,
+    /// and `skiff image load --platform` filling a board's store on another machine.
     pub fn with_platform(mut self, platform: Platform) -> ImageStore {
         self.platform = platform;
         self

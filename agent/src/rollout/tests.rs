@@ -41,7 +41,7 @@ impl Run {
         let t0 = Instant::now();
         let mut run = Run {
             rec: Reconciler::new(BackoffConfig::default()),
-            trial: Trial::begin(s, can_roll_back, t0),
+            trial: Trial::begin(s, can_roll_back.then(DesiredState::empty).as_ref(), t0),
             t0,
             started: BTreeMap::new(),
         };
@@ -244,7 +244,7 @@ fn rollback_off_or_nothing_to_go_back_to_fails_without_rolling_back() {
 fn an_empty_generation_commits_after_the_window() {
     let s = state(13, "[rollout]\nstable = \"0s\"\n");
     let t0 = Instant::now();
-    let mut t = Trial::begin(&s, true, t0);
+    let mut t = Trial::begin(&s, Some(&DesiredState::empty()), t0);
     assert_eq!(t.observe(&[], t0), Some(Verdict::Commit { generation: 13 }));
 }
 
@@ -253,7 +253,7 @@ fn probes_of_an_unchanged_app_are_not_confused_with_restarts() {
     // The counter an app carried from the previous generation is not a restart.
     let s = state(14, &format!("[rollout]\nstable = \"5s\"\n{WEB}"));
     let t0 = Instant::now();
-    let mut t = Trial::begin(&s, true, t0);
+    let mut t = Trial::begin(&s, Some(&DesiredState::empty()), t0);
     let st = AppStatus {
         name: name("web"),
         phase: Phase::Running,
@@ -268,7 +268,7 @@ fn probes_of_an_unchanged_app_are_not_confused_with_restarts() {
     };
     assert_eq!(t.observe(std::slice::from_ref(&st), t0), None);
     assert_eq!(t.observe(std::slice::from_ref(&st), t0 + secs(5)), Some(Verdict::Commit { generation: 14 }));
-    let mut t = Trial::begin(&s, true, t0);
+    let mut t = Trial::begin(&s, Some(&DesiredState::empty()), t0);
     assert_eq!(t.observe(std::slice::from_ref(&st), t0), None);
     let again = AppStatus { restarts: 5, ..st };
     assert_eq!(t.observe(&[again], t0 + secs(1)), failed(14, Some("web"), "exited with code 1", true));
@@ -358,4 +358,38 @@ fn a_generation_whose_images_do_not_come_within_the_deadline_fails_naming_the_ap
     let mut off = s.clone();
     off.rollout.rollback = false;
     assert_eq!(PullWait::new(&off, t0).failed(why, t0 + secs(3600)), None, "tried until its images come");
+}
+
+#[test]
+fn only_the_apps_the_generation_adds_or_changes_are_judged() {
+    // crashy crash-loops in the good generation already and is not changed.
+    let crashy = "[[app]]\nname = \"crashy\"\nimage = \"busybox\"\ncommand = [\"false\"]\n";
+    let good = state(1, crashy);
+    let next = state(2, &format!("[rollout]\nstable = \"5s\"\n{crashy}{WEB}"));
+    let t0 = Instant::now();
+    let mut t = Trial::begin(&next, Some(&good), t0);
+    let st = |name: &str, phase: Phase, restarts: u32| AppStatus {
+        name: AppName::try_from(name).unwrap(),
+        phase,
+        pid: Some(1),
+        restarts,
+        last_exit: Some(code(1)),
+        live: Health::None,
+        ready: Health::None,
+        image: "busybox".into(),
+        image_digest: None,
+        error: None,
+    };
+    assert_eq!(t.observe(&[st("crashy", Phase::Backoff, 7), st("web", Phase::Running, 0)], t0), None);
+    assert_eq!(
+        t.observe(&[st("crashy", Phase::Backoff, 9), st("web", Phase::Running, 0)], t0 + secs(5)),
+        Some(Verdict::Commit { generation: 2 })
+    );
+    // The same app changed by the generation is judged.
+    let next = state(3, &format!("{}{WEB}", crashy.replace("false", "true")));
+    let mut t = Trial::begin(&next, Some(&good), t0);
+    assert_eq!(
+        t.observe(&[st("crashy", Phase::Backoff, 1), st("web", Phase::Running, 0)], t0),
+        failed(3, Some("crashy"), "exited with code 1", true)
+    );
 }
