@@ -3,7 +3,11 @@
 //! (CapEff/CapBnd of /proc/self/status), no raw or packet sockets on the host
 //! network unless CAP_NET_RAW is added, loopback up with `network = "none"`,
 //! /proc/interrupts masked, and setuid binaries working only with
-//! `no_new_privileges = false`; exec probes run as the app's user.
+//! `no_new_privileges = false`; exec probes run as the app's user. Device
+//! rules: an app may mknod (CAP_MKNOD, as in Docker) but opens only the
+//! standard devices and those it lists; the cgroup v2 device program itself,
+//! attached to a cgroup of the unified hierarchy, decides the same and is gone
+//! once detached.
 
 use skiff_tests::agent::Sandbox;
 use std::os::unix::fs::PermissionsExt;
@@ -188,4 +192,138 @@ fn which_busybox() -> std::path::PathBuf {
         .map(std::path::PathBuf::from)
         .find(|p| p.exists())
         .expect("busybox-static is installed (scripts/deps.sh test)")
+}
+
+/// Opens `$1` for writing (writes nothing) and prints `$2=opened`, `$2=eperm`
+/// or the error.
+const OPEN: &str = "try() { if out=$( (: >> \"$1\") 2>&1); then echo \"$2=opened\"; \
+    else case \"$out\" in *'not permitted'*) echo \"$2=eperm\";; *) echo \"$2=failed: $out\";; esac; fi; }";
+
+/// The device checks an app runs: mknod of kmsg (1:11, which root may open
+/// for writing without any capability, so only the device rules refuse it)
+/// and of mem (1:1), opening them, /dev/kmsg itself, and the standard devices.
+const DEVICE_PROBE: &str = "mknod /tmp/kmsg c 1 11 && echo mknod=ok || echo mknod=failed; \
+    mknod /tmp/mem c 1 1 && echo mknod-mem=ok || echo mknod-mem=failed; \
+    try /tmp/kmsg made; try /tmp/mem mem; \
+    if [ -e /dev/kmsg ]; then try /dev/kmsg dev-kmsg; else echo dev-kmsg=absent; fi; \
+    try /dev/null null; echo zero=$(head -c 4 /dev/zero | wc -c); \
+    echo urandom=$(head -c 4 /dev/urandom | wc -c)";
+
+#[test]
+fn unlisted_devices_cannot_be_opened_even_after_mknod() {
+    let mut sb = Sandbox::new();
+    sb.start_agent();
+    let probe = script(&format!("{OPEN}; {DEVICE_PROBE}"));
+    sb.apply(&format!(
+        r#"
+[[app]]
+name = "unlisted"
+image = "busybox:1"
+{probe}
+[[app]]
+name = "listed"
+image = "busybox:1"
+devices = ["/dev/kmsg"]
+{probe}
+"#
+    ));
+    let unlisted = output(&sb, "unlisted");
+    assert_eq!(value(&unlisted, "mknod="), "ok", "CAP_MKNOD is kept:\n{unlisted}");
+    assert_eq!(value(&unlisted, "mknod-mem="), "ok", "{unlisted}");
+    assert_eq!(value(&unlisted, "made="), "eperm", "an unlisted device made with mknod:\n{unlisted}");
+    assert_eq!(value(&unlisted, "mem="), "eperm", "{unlisted}");
+    assert_eq!(value(&unlisted, "dev-kmsg="), "absent", "{unlisted}");
+    assert_eq!(value(&unlisted, "null="), "opened", "{unlisted}");
+    assert_eq!(value(&unlisted, "zero="), "4", "{unlisted}");
+    assert_eq!(value(&unlisted, "urandom="), "4", "{unlisted}");
+
+    // Listed: the node skiff made and one made with mknod both open.
+    let listed = output(&sb, "listed");
+    assert_eq!(value(&listed, "dev-kmsg="), "opened", "{listed}");
+    assert_eq!(value(&listed, "made="), "opened", "{listed}");
+    assert_eq!(value(&listed, "mem="), "eperm", "{listed}");
+    assert_eq!(value(&listed, "null="), "opened", "{listed}");
+    // Both are gone with their cgroups (and, on cgroup v2, their programs).
+    for app in ["unlisted", "listed"] {
+        assert!(
+            skiff_tests::agent::eventually(Duration::from_secs(10), || sb.app_cgroups(app).is_empty()),
+            "{app} left cgroups behind: {:?}",
+            sb.app_cgroups(app)
+        );
+    }
+    sb.kill_agent();
+}
+
+/// The first cgroup2 mount: the unified hierarchy, also on a hybrid host.
+fn cgroup2_mount() -> std::path::PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let dash = f.iter().position(|x| *x == "-")?;
+            (f.get(dash + 1) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f[4]))
+        })
+        .expect("a cgroup2 file system is mounted")
+}
+
+/// Removes the test's cgroup, whatever happened.
+struct CgroupDir(std::path::PathBuf);
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        let _ = skiff_agent::runtime::devices::detach_all(&self.0);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The program the shim attaches on cgroup v2, tried on this host's unified
+/// hierarchy: a shell moved into the cgroup opens /dev/kmsg only while the
+/// program lists it, always /dev/null; detaching leaves no program behind
+/// and lifts the rules.
+#[test]
+fn the_v2_device_program_decides_and_detaches() {
+    use skiff_agent::runtime::devices::{self, Program};
+    let cg = CgroupDir(cgroup2_mount().join(format!("skiff-devbpf-{:08x}", rand::random::<u32>())));
+    std::fs::create_dir(&cg.0).unwrap();
+    let opens = |what: &str| -> String {
+        let cmd = format!(
+            "echo $$ > {}/cgroup.procs || exit 1; {OPEN}; try /dev/kmsg kmsg; try /dev/null null; echo {what}",
+            cg.0.display()
+        );
+        let out = std::process::Command::new("sh").args(["-c", &cmd]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains(what), "{text}");
+        text
+    };
+    let deny_all = serde_json::json!({"allow": false, "access": "rwm"});
+    let spec = |devices: serde_json::Value| serde_json::json!({"linux": {"resources": {"devices": devices}}});
+    let listed = spec(
+        serde_json::json!([deny_all, {"allow": true, "type": "c", "major": 1, "minor": 11, "access": "rwm"}]),
+    );
+    let unlisted = spec(serde_json::json!([deny_all]));
+
+    let t0 = std::time::Instant::now();
+    let prog = Program::build(&devices::rules_of_spec(&listed).unwrap());
+    drop(devices::attach(&cg.0, &prog).unwrap());
+    println!(
+        "device program: {} instructions, built, loaded and attached in {:?}",
+        prog.insns.len(),
+        t0.elapsed()
+    );
+    assert_eq!(devices::attached(&cg.0).unwrap().len(), 1, "attached, and kept after its fd is closed");
+    let out = opens("listed");
+    assert_eq!(value(&out, "kmsg="), "opened", "{out}");
+    assert_eq!(value(&out, "null="), "opened", "{out}");
+    assert_eq!(devices::detach_all(&cg.0).unwrap(), 1);
+    assert!(devices::attached(&cg.0).unwrap().is_empty());
+
+    let prog = Program::build(&devices::rules_of_spec(&unlisted).unwrap());
+    devices::attach(&cg.0, &prog).unwrap();
+    let out = opens("unlisted");
+    assert_eq!(value(&out, "kmsg="), "eperm", "{out}");
+    assert_eq!(value(&out, "null="), "opened", "{out}");
+    assert_eq!(devices::detach_all(&cg.0).unwrap(), 1);
+    assert!(devices::attached(&cg.0).unwrap().is_empty(), "nothing left after detach");
+    let out = opens("detached");
+    assert_eq!(value(&out, "kmsg="), "opened", "no rules once detached:\n{out}");
 }

@@ -683,11 +683,27 @@ image = "busybox:1"
 command = ["sh", "-c", "id; grep CapEff /proc/self/status"]
 restart = "never"
 user = "1000:1000"
+
+[[app]]
+name = "devunlisted"
+image = "busybox:1"
+command = ["sh", "-c", "/devprobe"]
+restart = "never"
+mounts = [{ source = "/tmp/devprobe", target = "/devprobe", readonly = true }]
+
+[[app]]
+name = "devlisted"
+image = "busybox:1"
+command = ["sh", "-c", "/devprobe"]
+restart = "never"
+mounts = [{ source = "/tmp/devprobe", target = "/devprobe", readonly = true }]
+devices = ["/dev/kmsg"]
 "#;
 
 /// What each app sees from inside on the board (cgroup v2, aarch64): the same checks as
 /// tests/confinement.rs on x86. A raw ICMP socket (traceroute) and a packet socket (arping)
 /// are refused with EPERM on the host network unless `cap_add` has NET_RAW.
+/// An app can mknod, but opens only the standard devices and those it lists (/dev/kmsg).
 #[test]
 fn board_confinement() {
     let script = guest_script(
@@ -704,6 +720,17 @@ touch /written 2>/dev/null && echo root=writable || echo root=read-only
 echo interrupts-bytes=$(wc -c </proc/interrupts)
 PROBE
 chmod 755 /tmp/probe
+cat >/tmp/devprobe <<'PROBE'
+#!/bin/sh
+try() { if out=$( (: >> "$1") 2>&1); then echo "$2=opened"; else case "$out" in *'not permitted'*) echo "$2=eperm" ;; *) echo "$2=failed: $out" ;; esac; fi; }
+mknod /tmp/kmsg c 1 11 && echo mknod=ok || echo mknod=failed
+try /tmp/kmsg made
+if [ -e /dev/kmsg ]; then try /dev/kmsg dev-kmsg; else echo dev-kmsg=absent; fi
+try /dev/null null
+echo zero=$(head -c 4 /dev/zero | wc -c)
+echo urandom=$(head -c 4 /dev/urandom | wc -c)
+PROBE
+chmod 755 /tmp/devprobe
 echo "HOST-INTERRUPTS: $(wc -c </proc/interrupts)"
 skiff image load /images/busybox >/dev/null || exit 1
 cat >/tmp/apps.toml <<'APPS'
@@ -711,9 +738,13 @@ cat >/tmp/apps.toml <<'APPS'
 APPS
 skiff apply -f /tmp/apps.toml >/dev/null || exit 1
 start_agent
-for a in plain raw tweaked isolated user; do
+for a in plain raw tweaked isolated user devunlisted devlisted; do
     until_ps "\$1 == \"$a\" && \$2 == \"exited\"" 30 || echo "WAIT-TIMEOUT: $a exited"
     skiff logs "$a" | sed "s/^/$a| /"
+done
+sleep 1
+for a in devunlisted devlisted; do
+    if [ -d "/sys/fs/cgroup/skiff/$a" ]; then echo "CGROUP-LEFT: $a"; fi
 done
 agent_log
 "#,
@@ -756,6 +787,18 @@ agent_log
 
     assert!(out.value("user| uid=1000 gid=1000").is_some(), "user = 1000:1000\n{t}");
     assert_eq!(caps("user", "CapEff:"), 0, "{t}");
+
+    // Device rules on cgroup v2 (the shim's BPF program): mknod works (CAP_MKNOD
+    // kept), but an unlisted device cannot be opened; a listed one can.
+    assert_eq!(val("devunlisted", "mknod"), "ok", "{t}");
+    assert_eq!(val("devunlisted", "made"), "eperm", "an unlisted device made with mknod\n{t}");
+    assert_eq!(val("devunlisted", "dev-kmsg"), "absent", "{t}");
+    assert_eq!(val("devunlisted", "null"), "opened", "{t}");
+    assert_eq!(val("devunlisted", "zero"), "4", "{t}");
+    assert_eq!(val("devunlisted", "urandom"), "4", "{t}");
+    assert_eq!(val("devlisted", "dev-kmsg"), "opened", "{t}");
+    assert_eq!(val("devlisted", "made"), "opened", "{t}");
+    assert!(out.value("CGROUP-LEFT: ").is_none(), "the apps' cgroups (and programs) are gone\n{t}");
     println!("board confinement: run took {:?}", out.elapsed);
 }
 

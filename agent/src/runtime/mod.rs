@@ -14,6 +14,7 @@
 //! `stop_by_polling`).
 
 pub mod cgroups;
+pub mod devices;
 pub mod exec;
 pub mod executor;
 pub mod instance;

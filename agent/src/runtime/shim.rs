@@ -7,6 +7,9 @@
 //! lost, even when the agent is killed or upgraded; it copies the container's
 //! output into the size-capped log; and on exit it records code, signal and
 //! OOM kill, deletes the container and its cgroup, and unmounts the rootfs.
+//! On cgroup v2 it also enforces the app's device rules: it attaches the
+//! device program (`devices.rs`) once the container is created and before it
+//! starts; a failure there is a start failure, never an unconfined app.
 //!
 //! Protocol with the agent: one line on stdout, `ok <init-pid>` or
 //! `err <message>`, then the files described in `instance.rs`.
@@ -19,6 +22,7 @@
 //! rate-limited and capped.
 
 use super::cgroups::Cgroups;
+use super::devices;
 use super::executor::SandboxExecutor;
 use super::instance::{self, Exit, ShimConfig, Started};
 use super::logs::RotatingLog;
@@ -60,7 +64,7 @@ pub fn main(dir: &Path) -> i32 {
         Err(e) => {
             let msg = format!("{e:#}");
             note(&format!("start failed: {msg}"));
-            cleanup(dir, &cfg, created);
+            cleanup(dir, &cfg, cgroups.as_ref(), created);
             return handshake_err(&msg);
         }
     };
@@ -72,7 +76,7 @@ pub fn main(dir: &Path) -> i32 {
         && cgroups.as_ref().and_then(|c| c.oom_kills(&cfg.cgroup_path)).is_some_and(|n| n > 0);
     let exit = ExitInfo { oom_killed: oom, ..exit };
     note(&format!("container exited: {exit:?}"));
-    cleanup(dir, &cfg, true);
+    cleanup(dir, &cfg, cgroups.as_ref(), true);
     let record = Exit { exit, exited_boot_ms: instance::boot_ms() };
     // Into the space reserved before the start: a full run dir cannot lose it.
     if let Err(e) = instance::write_reserved(dir, instance::EXIT, &record) {
@@ -203,7 +207,7 @@ fn create_and_start(
     created: &mut bool,
 ) -> anyhow::Result<i32> {
     let cgroups = cgroups.ok_or_else(|| anyhow!("no cgroup file system is mounted"))?;
-    let devices = cfg.spec.devices.iter().map(|d| host_device(d)).collect::<anyhow::Result<Vec<_>>>()?;
+    let host_devices = cfg.spec.devices.iter().map(|d| host_device(d)).collect::<anyhow::Result<Vec<_>>>()?;
     // A device file bound in through `mounts` would bypass the device list on
     // hosts where the device cgroup cannot be enforced: refuse it everywhere.
     for m in &cfg.spec.mounts {
@@ -248,11 +252,21 @@ fn create_and_start(
         rootfs: &rootfs,
         cgroup_path: &cfg.cgroup_path,
         cgroups: cgroups.version,
-        devices: &devices,
+        devices: &host_devices,
         host_files: &host_files,
         host_masked: &host_masked,
     })?;
     let seccomp = seccomp_filter(cfg, &spec)?;
+    // On cgroup v2 the device rules are a program this shim attaches (see
+    // `devices`); built before anything is created, so a bad list fails early.
+    let device_program = match cgroups.version {
+        spec::CgroupVersion::V2 => {
+            // Read from the spec as written to config.json, the one list the
+            // rules come from on either version.
+            Some(devices::Program::build(&devices::rules_of_spec(&serde_json::to_value(&spec)?)?))
+        }
+        spec::CgroupVersion::V1 => None,
+    };
     // Exec probes load the same filter (or none): `skiff probe-exec --seccomp`.
     instance::write(dir, instance::SECCOMP, &seccomp)?;
     let seccomp = seccomp.map(|f| f.insns()).transpose().context("the seccomp filter")?;
@@ -308,6 +322,12 @@ fn create_and_start(
             );
         }
     };
+    if let Some(program) = &device_program {
+        // The cgroup exists and the init waits for start: nothing of the app
+        // has run yet. No start without the rules.
+        devices::attach(&v2_cgroup_dir(cgroups, &cfg.cgroup_path), program)
+            .context("enforcing the app's device rules")?;
+    }
     // The write ends now live only in the container: EOF comes when it is gone.
     std::thread::Builder::new().name("output".into()).spawn(move || copy_to_log(out_r, &mut log))?;
     if cfg.spec.network == NetworkMode::None {
@@ -413,10 +433,29 @@ fn wait_exit(pid: i32) -> ExitInfo {
     }
 }
 
-/// Deletes the container (and its cgroup) and unmounts the rootfs. Best effort:
-/// every step runs even when one before it failed.
-fn cleanup(dir: &Path, cfg: &ShimConfig, created: bool) {
+fn v2_cgroup_dir(cgroups: &Cgroups, cgroup_path: &str) -> std::path::PathBuf {
+    cgroups.root.join(cgroup_path.trim_start_matches('/'))
+}
+
+/// Detaches the device program (v2), deletes the container (and its cgroup)
+/// and unmounts the rootfs. Best effort: every step runs even when one before
+/// it failed.
+fn cleanup(dir: &Path, cfg: &ShimConfig, cgroups: Option<&Cgroups>, created: bool) {
     if created {
+        // Once no process is left in the cgroup, nothing needs the device
+        // program: detach it, so nothing stays behind if the cgroup outlives
+        // the delete. While one is (a straggler being killed) it stays; the
+        // cgroup's removal frees it then.
+        if let Some(cg) = cgroups.filter(|c| c.version == spec::CgroupVersion::V2) {
+            let cg_dir = v2_cgroup_dir(cg, &cfg.cgroup_path);
+            let empty =
+                std::fs::read_to_string(cg_dir.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+            if empty {
+                if let Err(e) = devices::detach_all(&cg_dir) {
+                    note(&e.to_string());
+                }
+            }
+        }
         // The last processes of a killed container may take a moment to leave
         // its cgroup; removing the cgroup fails until they have. Retry briefly.
         for attempt in 0..20 {

@@ -3,8 +3,7 @@
 //! passed in, so the whole policy is testable without a container.
 //!
 //! Policy: Docker's default capabilities, changed by the app's `cap_add` and
-//! `cap_drop` (less CAP_NET_RAW on the host network, less CAP_MKNOD on cgroup
-//! v2 where the device rules are not enforced, see `capabilities`), Docker's
+//! `cap_drop` (less CAP_NET_RAW on the host network, see `capabilities`), Docker's
 //! masked and read-only /proc paths, no new privileges unless the app turns
 //! it off, the app's `user` and read-only root when it asks, a deny-all device cgroup rule followed by the devices the
 //! app lists, its own pid/ipc/uts/mount namespaces (plus network for
@@ -154,13 +153,13 @@ fn parse_user(user: Option<&str>) -> Result<(u32, u32), SpecError> {
 /// The capabilities the app's process gets (bounding, permitted and
 /// effective), in kernel order. Docker's rules: `cap_drop = ["ALL"]` starts
 /// from nothing, otherwise from the default set less `cap_drop`; then
-/// `cap_add`. Two of skiff's own on top: a host-network app has no
+/// `cap_add`. One of skiff's own on top: a host-network app has no
 /// CAP_NET_RAW unless it adds it (with it, an app could open raw and packet
-/// sockets on the host's interfaces and capture the host's traffic), and on
-/// cgroup v2 no CAP_MKNOD unless added (this build does not enforce device
-/// rules there; without it an app only reaches the nodes skiff puts in its
-/// fresh /dev, and device files cannot come in through `mounts`).
-pub fn capabilities(app: &AppSpec, cgroups: CgroupVersion) -> Vec<Capability> {
+/// sockets on the host's interfaces and capture the host's traffic).
+/// CAP_MKNOD stays, as in Docker, on both cgroup versions: the device rules
+/// (v1 `devices.*`, v2 the shim's device program) refuse opening any node
+/// that is not listed, wherever it was made. `_cgroups` no longer changes the set.
+pub fn capabilities(app: &AppSpec, _cgroups: CgroupVersion) -> Vec<Capability> {
     let sec = &app.security;
     let mut caps: Vec<Capability> = if sec.cap_drop_all {
         Vec::new()
@@ -170,7 +169,6 @@ pub fn capabilities(app: &AppSpec, cgroups: CgroupVersion) -> Vec<Capability> {
             .copied()
             .filter(|c| !sec.cap_drop.contains(c))
             .filter(|c| !(*c == Capability::NetRaw && app.network == NetworkMode::Host))
-            .filter(|c| !(*c == Capability::Mknod && cgroups == CgroupVersion::V2))
             .collect()
     };
     caps.extend(sec.cap_add.iter().copied());
@@ -603,7 +601,7 @@ mod tests {
         use LinuxNamespaceType as N;
         assert_eq!(namespaces(&s), [N::Pid, N::Ipc, N::Uts, N::Mount, N::Network, N::Cgroup]);
         let caps = bounding_caps(&s);
-        assert!(!caps.contains(&"CAP_MKNOD"), "no mknod where device rules are not enforced");
+        assert!(caps.contains(&"CAP_MKNOD"), "mknod kept: the device program guards opening");
         assert!(caps.contains(&"CAP_CHOWN"));
         let dests = destinations(&s);
         assert!(dests.contains(&Path::new("/sys/fs/cgroup")));
@@ -647,9 +645,10 @@ mod tests {
         assert_eq!(none.len(), DEFAULT_CAPS.len(), "a private namespace keeps CAP_NET_RAW");
         let raw = caps_of("cap_add = [\"NET_RAW\"]\n", CgroupVersion::V1);
         assert!(raw.contains(&"CAP_NET_RAW"));
-        let v2 = caps_of("", CgroupVersion::V2);
-        assert!(!v2.contains(&"CAP_MKNOD"));
-        assert!(caps_of("cap_add = [\"MKNOD\"]\n", CgroupVersion::V2).contains(&"CAP_MKNOD"));
+        // As in Docker, CAP_MKNOD on both cgroup versions (v2 enforces the
+        // device rules with the shim's program).
+        assert_eq!(caps_of("", CgroupVersion::V2), host);
+        assert!(!caps_of("cap_drop = [\"MKNOD\"]\n", CgroupVersion::V2).contains(&"CAP_MKNOD"));
         let tweaked =
             caps_of("cap_add = [\"SYS_TIME\", \"KILL\"]\ncap_drop = [\"CHOWN\"]\n", CgroupVersion::V1);
         assert!(tweaked.contains(&"CAP_SYS_TIME") && !tweaked.contains(&"CAP_CHOWN"));
