@@ -153,9 +153,10 @@ fn pid_exhaustion_fails_starts_and_never_aborts_the_agent() {
     let cage = PidsCage::new(&format!("{}-agent", sb.cgroup_root), agent);
     cage.close();
     // Stopping "gone" and starting "late" while the agent can create neither
-    // a thread nor a process.
+    // a thread nor a process. (No rollback: the failed start of "late" would
+    // otherwise send the board back to the generation with "gone".)
     sb.apply(&format!(
-        "{KEPT}\n[[app]]\nname = \"late\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"600\"]\n"
+        "[rollout]\nrollback = false\n{KEPT}\n[[app]]\nname = \"late\"\nimage = \"busybox:1\"\ncommand = [\"sleep\", \"600\"]\n"
     ));
     let failed = eventually(Duration::from_secs(20), || {
         plain(&sb.agent_log()).lines().any(|l| l.contains("start failed app=late "))
