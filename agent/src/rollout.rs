@@ -88,10 +88,17 @@ impl Record {
         Ok(())
     }
 
-    /// What to run at start for the `stored` generation, given whether the last
-    /// good state is on flash, and the record to write (when it changed).
-    /// `None` for `self`: no record yet (a new board or an upgrade).
-    pub fn at_start(record: Option<&Record>, stored: u64, have_good: bool) -> (AtStart, Option<Record>) {
+    /// What to run at start for the `stored` generation (whose `rollout.rollback`
+    /// is `rollback`), given whether the last good state is on flash, and the
+    /// record to write (when it changed). `None` for `self`: no record yet (a
+    /// new board or an upgrade). With `rollback` off, starts are counted but
+    /// never make the generation fail.
+    pub fn at_start(
+        record: Option<&Record>,
+        stored: u64,
+        rollback: bool,
+        have_good: bool,
+    ) -> (AtStart, Option<Record>) {
         let Some(r) = record else {
             // Whatever ran before rollouts existed is what is trusted now.
             return (AtStart::Run, Some(Record { committed: stored, testing: None, failed: None }));
@@ -110,8 +117,8 @@ impl Record {
         }
         match r.testing {
             Some((g, starts)) if g == stored => {
-                let starts = starts + 1;
-                if starts >= MAX_STARTS {
+                let starts = (starts + 1).min(MAX_STARTS);
+                if starts >= MAX_STARTS && rollback {
                     let failed = RolloutFailure {
                         generation: stored,
                         app: None,
@@ -121,8 +128,10 @@ impl Record {
                     let next = Record { committed: r.committed, testing: None, failed: Some(failed) };
                     (AtStart::RunGood, Some(next))
                 } else {
+                    // Written only when the count moved (it stops at MAX_STARTS).
                     let next = Record { testing: Some((g, starts)), ..r.clone() };
-                    (AtStart::Test, Some(next))
+                    let changed = next != *r;
+                    (AtStart::Test, changed.then_some(next))
                 }
             }
             // A generation stored while no agent ran (`skiff apply` offline,

@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(decode_record(&again).expect("round trip"), record);
         let top = skiff_common::validate::MAX_GENERATION;
         for stored in [0, record.committed, (record.committed + 1).min(top), top] {
-            let (_, next) = Record::at_start(Some(&record), stored, true);
+            let (_, next) = Record::at_start(Some(&record), stored, true, true);
             if let Some(next) = next {
                 next.validate().expect("a record written at start is valid");
             }

@@ -416,10 +416,15 @@ set -u
 MODE=@MODE@
 state() {
     if [ $(( $1 % 2 )) -eq 0 ]; then x=even; else x=odd; fi
-    for a in web worker $x; do
-        printf '[[app]]\nname = "%s"\nimage = "busybox:1"\ncommand = ["sleep", "600"]\n' "$a"
-        printf 'env = { GEN = "%s" }\nstop_grace = "0s"\n\n' "$1"
-    done >/tmp/state-$1.toml
+    # No rollback: every boot is cut during a test, and the boot counter would
+    # (rightly) send the board back to the last good state; this checks the writes.
+    {
+        printf '[rollout]\nrollback = false\n\n'
+        for a in web worker $x; do
+            printf '[[app]]\nname = "%s"\nimage = "busybox:1"\ncommand = ["sleep", "600"]\n' "$a"
+            printf 'env = { GEN = "%s" }\nstop_grace = "0s"\n\n' "$1"
+        done
+    } >/tmp/state-$1.toml
 }
 cd /var/lib/skiff || exit 1
 echo "STATE-DIR: $(ls -A | tr '\n' ' ')"

@@ -201,7 +201,7 @@ pub async fn run_with(parts: Parts, shutdown: impl Future<Output = ()>) -> anyho
     tokio::spawn(watch_state_file(states.path(), tx.clone()));
 
     let mut rec = Reconciler::new(backoff);
-    let stored = initial.as_ref().ok().map(|(s, _)| s.generation);
+    let stored = initial.as_ref().ok().map(|(s, _)| (s.generation, s.rollout.rollback));
     let mut rollouts = rollouts::Rollouts::new(states.clone(), rollout, stored);
     let mut intake = Intake::new();
     let mut digests: HashMap<AppName, String> = HashMap::new();

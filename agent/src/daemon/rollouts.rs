@@ -42,7 +42,7 @@ pub(super) struct Handover {
 impl Rollouts {
     /// Decides what the stored generation means at start (see `Record::at_start`)
     /// and starts the writer.
-    pub fn new(states: Arc<dyn States>, files: RolloutFiles, stored: Option<u64>) -> Rollouts {
+    pub fn new(states: Arc<dyn States>, files: RolloutFiles, stored: Option<(u64, bool)>) -> Rollouts {
         for p in &files.problems {
             warn!(problem = %p, "rollout file unreadable: ignored");
         }
@@ -69,12 +69,12 @@ impl Rollouts {
             pulls: None,
             writes: tx,
         };
-        if let Some(stored) = stored {
+        if let Some((stored, rollback)) = stored {
             if stored == 0 && files.record.is_none() {
                 // Nothing stored and nothing recorded: nothing to decide.
                 return me;
             }
-            let (what, next) = Record::at_start(files.record.as_ref(), stored, me.good.is_some());
+            let (what, next) = Record::at_start(files.record.as_ref(), stored, rollback, me.good.is_some());
             if let Some(next) = next {
                 me.record = next;
                 if files.record.is_none() || what == AtStart::Run && me.record.committed == stored {

@@ -290,16 +290,16 @@ fn record(committed: u64, testing: Option<(u64, u32)>, failed: Option<u64>) -> R
 #[test]
 fn at_start_resumes_a_test_counts_starts_and_gives_up_after_three() {
     // New board or an upgrade: what is stored is trusted.
-    assert_eq!(Record::at_start(None, 4, false), (AtStart::Run, Some(record(4, None, None))));
+    assert_eq!(Record::at_start(None, 4, true, false), (AtStart::Run, Some(record(4, None, None))));
     // Committed: nothing to write.
-    assert_eq!(Record::at_start(Some(&record(4, None, None)), 4, true), (AtStart::Run, None));
+    assert_eq!(Record::at_start(Some(&record(4, None, None)), 4, true, true), (AtStart::Run, None));
     // On test: each start is counted; the third start gives up.
     let r = record(4, Some((5, 0)), None);
-    let (what, r) = Record::at_start(Some(&r), 5, true);
+    let (what, r) = Record::at_start(Some(&r), 5, true, true);
     assert_eq!((what, r.clone()), (AtStart::Test, Some(record(4, Some((5, 1)), None))));
-    let (what, r) = Record::at_start(r.as_ref(), 5, true);
+    let (what, r) = Record::at_start(r.as_ref(), 5, true, true);
     assert_eq!((what, r.clone()), (AtStart::Test, Some(record(4, Some((5, 2)), None))));
-    let (what, r) = Record::at_start(r.as_ref(), 5, true);
+    let (what, r) = Record::at_start(r.as_ref(), 5, true, true);
     assert_eq!(what, AtStart::RunGood);
     let r = r.unwrap();
     assert_eq!((r.committed, r.testing), (4, None));
@@ -307,21 +307,29 @@ fn at_start_resumes_a_test_counts_starts_and_gives_up_after_three() {
     assert_eq!((f.generation, f.app, f.rolled_back), (5, None, true));
     assert_eq!(f.reason, "the agent started 3 times while this generation was on test");
     // And it stays failed: no ping-pong on the next start.
-    assert_eq!(Record::at_start(Some(&r), 5, true), (AtStart::RunGood, None));
+    assert_eq!(Record::at_start(Some(&r), 5, true, true), (AtStart::RunGood, None));
     // A generation stored while no agent ran goes on test.
     assert_eq!(
-        Record::at_start(Some(&record(4, None, Some(5))), 6, true),
+        Record::at_start(Some(&record(4, None, Some(5))), 6, true, true),
         (AtStart::Test, Some(record(4, Some((6, 0)), Some(5))))
     );
     // Nothing good on flash to go back to: trusted as it is.
     assert_eq!(
-        Record::at_start(Some(&record(4, Some((6, 1)), None)), 6, false),
+        Record::at_start(Some(&record(4, Some((6, 1)), None)), 6, true, false),
         (AtStart::Run, Some(record(6, None, None)))
     );
+    // With rollback off, starts are counted and the test goes on.
+    let r = record(4, Some((5, 2)), None);
+    assert_eq!(
+        Record::at_start(Some(&r), 5, false, true),
+        (AtStart::Test, Some(record(4, Some((5, 3)), None)))
+    );
+    let r = record(4, Some((5, 3)), None);
+    assert_eq!(Record::at_start(Some(&r), 5, false, true), (AtStart::Test, None), "nothing to write");
     // A failure that was not rolled back runs on.
     let mut r = record(4, None, Some(5));
     r.failed.as_mut().unwrap().rolled_back = false;
-    assert_eq!(Record::at_start(Some(&r), 5, true), (AtStart::Run, None));
+    assert_eq!(Record::at_start(Some(&r), 5, true, true), (AtStart::Run, None));
 }
 
 #[test]
