@@ -235,6 +235,13 @@ impl Sandbox {
         }
     }
 
+    /// The command line of `app`'s running process, once it runs.
+    pub fn command_of(&self, app: &str) -> String {
+        let a = self.wait_running(app);
+        let c = std::fs::read(format!("/proc/{}/cmdline", a["pid"])).unwrap();
+        String::from_utf8_lossy(&c).replace('\0', " ").trim().to_string()
+    }
+
     pub fn wait_running(&self, app: &str) -> Value {
         self.wait_app(app, Duration::from_secs(30), "running", |a| {
             a["phase"] == "running" && a["pid"].is_i64()

@@ -72,12 +72,6 @@ impl World {
     }
 }
 
-fn command_of(sb: &Sandbox) -> String {
-    let web = sb.wait_running("web");
-    let c = std::fs::read(format!("/proc/{}/cmdline", web["pid"])).unwrap();
-    String::from_utf8_lossy(&c).replace('\0', " ").trim().to_string()
-}
-
 #[test]
 fn a_three_wave_rollout_stops_after_the_wave_where_a_real_agent_rolled_back() {
     let broker = Broker::start(&NAMES).expect("mosquitto");
@@ -139,7 +133,7 @@ fn a_three_wave_rollout_stops_after_the_wave_where_a_real_agent_rolled_back() {
         (gens.len() == NAMES.len() && gens.iter().all(|g| *g == gens[0] && *g > 0)).then(|| gens[0])
     });
     for sb in &w.agents {
-        assert_eq!(command_of(sb), "sleep 3600");
+        assert_eq!(sb.command_of("web"), "sleep 3600");
     }
 
     let new = w.dir.path().join("new.toml").display().to_string();
@@ -154,7 +148,7 @@ fn a_three_wave_rollout_stops_after_the_wave_where_a_real_agent_rolled_back() {
         wait_for(Duration::from_secs(30), "the new generation committed", || {
             (w.device(name)["committed_generation"].as_u64() > Some(old)).then_some(())
         });
-        assert_eq!(command_of(w.agent(name)), "sleep 3601", "{name}");
+        assert_eq!(w.agent(name).command_of("web"), "sleep 3601", "{name}");
     }
     // pi-3 rolled back by itself: the old app runs again, and it says why.
     let d = w.device(BAD);
@@ -162,7 +156,7 @@ fn a_three_wave_rollout_stops_after_the_wave_where_a_real_agent_rolled_back() {
     assert_eq!(d["failed"]["app"], "web", "{d}");
     assert_eq!(d["failed"]["reason"], "exited with code 1", "{d}");
     assert_eq!(d["failed"]["rolled_back"], true, "{d}");
-    assert_eq!(command_of(w.agent(BAD)), "sleep 3600");
+    assert_eq!(w.agent(BAD).command_of("web"), "sleep 3600");
     let ps = String::from_utf8_lossy(&w.agent(BAD).skiff(&["ps"]).stdout).into_owned();
     assert!(ps.contains("failed its test and was rolled back"), "{ps}");
     // Wave 3 never got it.
@@ -170,6 +164,6 @@ fn a_three_wave_rollout_stops_after_the_wave_where_a_real_agent_rolled_back() {
         let d = w.device(name);
         assert_eq!(d["desired_generation"], old, "{name}: {d}");
         assert_eq!(d["committed_generation"], old, "{name}: {d}");
-        assert_eq!(command_of(w.agent(name)), "sleep 3600", "{name}");
+        assert_eq!(w.agent(name).command_of("web"), "sleep 3600", "{name}");
     }
 }

@@ -177,15 +177,11 @@ command = ["sleep", "3602"]
     assert_eq!(r["committed"], 1);
     assert_eq!(r["failed"]["rolled_back"], true);
     assert_eq!(r["failed"]["reason"], "the agent started 3 times while this generation was on test");
-    let web = sb.wait_running("web");
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", web["pid"])).unwrap();
-    assert_eq!(String::from_utf8_lossy(&cmdline).replace('\0', " ").trim(), "sleep 3600");
+    assert_eq!(sb.command_of("web"), "sleep 3600");
     // A fourth boot keeps it so.
     sb.simulate_reboot();
     sb.start_agent();
-    let web = sb.wait_running("web");
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", web["pid"])).unwrap();
-    assert_eq!(String::from_utf8_lossy(&cmdline).replace('\0', " ").trim(), "sleep 3600");
+    assert_eq!(sb.command_of("web"), "sleep 3600");
     assert!(rollout(&sb)["testing"].is_null());
 }
 
